@@ -1,0 +1,39 @@
+# The book's two commands: `make book` renders it, `make test` tests it. Both create .venv on first use.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PROFILE ?= default
+CH      ?=
+ARGS    ?=
+
+.PHONY: book test chapter html bench clean venv
+
+venv: $(STAMP)
+
+# Re-install whenever pyproject.toml changes. pip (not uv/poetry): torch lies on this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## make book [PROFILE=default|smoke|paper]: execute every chapter, then build _build/html/index.html
+book: $(STAMP)
+	$(PY) -m helpers.build book --profile $(PROFILE)
+
+## make chapter CH=<name> [PROFILE=...] [ARGS="key=value ..."]: re-run one chapter, rebuild the HTML
+chapter: $(STAMP)
+	@test -n "$(CH)" || { echo "error: name the chapter, e.g. make chapter CH=intro ARGS='seed=1'"; exit 2; }
+	$(PY) -m helpers.build chapter $(CH) --profile $(PROFILE) $(foreach a,$(ARGS),--set $(a))
+
+## make html: rebuild the HTML from the executed notebooks of PROFILE
+html: $(STAMP)
+	$(PY) -m helpers.build html --profile $(PROFILE)
+
+## make test: unit tests, every chapter in the smoke profile, and a smoke build of the book
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf _build

@@ -1,0 +1,386 @@
+"""Execute the book's chapters with papermill under a profile, then build the HTML with Jupyter Book.
+
+This is the one runner behind ``make book``, ``make chapter`` and the chapter tests::
+
+    python -m helpers.build book    [--profile default] [--build-dir _build]
+    python -m helpers.build chapter NAME [--profile default] [--set key=value ...]
+    python -m helpers.build list    [--profile default]
+
+Layout of the build folder (``_build/`` unless ``--build-dir`` / ``$BOOK_BUILD_DIR``)::
+
+    executed/<profile>/<chapter>.ipynb   executed notebooks
+    data/<chapter>/*.csv                 the data behind every figure
+    records/<chapter>.json               the numbers each chapter records (asserted by its test)
+    cache/                               expensive results (helpers.cache), shared across builds
+    html/index.html                      the rendered book
+
+Nothing half-written is left behind: each chapter executes into a private work folder that is moved into
+place only when the chapter succeeded, and the HTML is built into a staging folder that replaces ``html/``
+in one rename.
+
+Profiles are parameter files ``book/profiles/<profile>.yml`` mapping a chapter name to parameter overrides;
+a chapter's ``parameters`` cell holds its defaults. Unknown profiles, chapters or parameter names, a missing
+parameter file and a notebook without a ``parameters`` cell are each refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BOOK_DIR_NAME = "book"
+PROFILE_DIR = Path(BOOK_DIR_NAME) / "profiles"
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message is one line that names what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """One entry of ``_toc.yml``: ``name`` is the file stem (``intro``), ``path`` relative to the root."""
+
+    name: str
+    path: Path
+
+    @property
+    def is_notebook(self) -> bool:
+        return self.path.suffix == ".ipynb"
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _toc_files(node: Any) -> list[str]:
+    """Every ``file:`` / ``root:`` entry of a _toc.yml tree, in reading order."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if key in node:
+                found.append(node[key])
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []) or []:
+                found.extend(_toc_files(child))
+    elif isinstance(node, list):
+        for child in node:
+            found.extend(_toc_files(child))
+    return found
+
+
+def read_toc(root: Path = REPO_ROOT) -> list[Chapter]:
+    """The book's pages in ``_toc.yml`` order, each resolved to an existing ``.ipynb`` or ``.md`` file."""
+    toc_path = root / "_toc.yml"
+    if not toc_path.exists():
+        raise BuildError(f"no _toc.yml in {root}: run from the repository root")
+    chapters = []
+    for entry in _toc_files(yaml.safe_load(toc_path.read_text())):
+        stem = Path(entry)
+        for suffix in (".ipynb", ".md"):
+            candidate = stem.with_suffix(suffix) if stem.suffix not in (".ipynb", ".md") else stem
+            if (root / candidate).exists():
+                chapters.append(Chapter(name=candidate.stem, path=candidate))
+                break
+        else:
+            raise BuildError(f"_toc.yml lists {entry!r} but neither {entry}.ipynb nor {entry}.md exists")
+    return chapters
+
+
+def notebook_chapters(root: Path = REPO_ROOT) -> list[Chapter]:
+    """The executable chapters (notebooks) in reading order."""
+    return [c for c in read_toc(root) if c.is_notebook]
+
+
+def find_chapter(name: str, root: Path = REPO_ROOT) -> Chapter:
+    """The notebook chapter called ``name`` (file stem); a one-line error lists the valid names."""
+    chapters = notebook_chapters(root)
+    for chapter in chapters:
+        if chapter.name == name or str(chapter.path) == name or str(chapter.path.with_suffix("")) == name:
+            return chapter
+    raise BuildError(f"unknown chapter {name!r}: the chapters are {', '.join(c.name for c in chapters)}")
+
+
+def available_profiles(root: Path = REPO_ROOT) -> list[str]:
+    return sorted(p.stem for p in (root / PROFILE_DIR).glob("*.yml"))
+
+
+def load_profile(profile: str, root: Path = REPO_ROOT) -> dict[str, dict[str, Any]]:
+    """Parameter overrides per chapter for ``profile``, read from ``book/profiles/<profile>.yml``."""
+    path = root / PROFILE_DIR / f"{profile}.yml"
+    if not path.exists():
+        known = available_profiles(root)
+        if known:
+            raise BuildError(f"unknown profile {profile!r}: no parameter file {path.relative_to(root)}; "
+                             f"the profiles are {', '.join(known)}")
+        raise BuildError(f"missing parameter file {path.relative_to(root)} for profile {profile!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
+        raise BuildError(f"{path.relative_to(root)} must map chapter names to {{parameter: value}} mappings")
+    names = {c.name for c in notebook_chapters(root)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise BuildError(f"{path.relative_to(root)} names unknown chapter(s) {', '.join(unknown)}; "
+                         f"the chapters are {', '.join(sorted(names))}")
+    return {k: dict(v or {}) for k, v in data.items()}
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Names and default values of the notebook's ``parameters`` cell (the cell tagged ``parameters``)."""
+    nb = json.loads(path.read_text())
+    cells = [c for c in nb.get("cells", []) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise BuildError(f"{path} has no cell tagged 'parameters': tag the cell holding its settings "
+                         "(papermill injects overrides after it)")
+    source = "".join(cells[0]["source"])
+    params: dict[str, Any] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    try:
+                        params[target.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        params[target.id] = ast.unparse(node.value)
+    return params
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["n=10", "lr=1e-3", "name=mlp"]`` → ``{"n": 10, "lr": 0.001, "name": "mlp"}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise BuildError(f"override {pair!r} is not key=value (e.g. n_test=5)")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def resolve_parameters(chapter: Chapter, profile: str, overrides: dict[str, Any] | None = None,
+                       root: Path = REPO_ROOT) -> dict[str, Any]:
+    """The parameters papermill injects: the profile's overrides, then the command line's; names checked."""
+    defaults = notebook_parameters(root / chapter.path)
+    params = dict(load_profile(profile, root).get(chapter.name, {}))
+    params.update(overrides or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise BuildError(f"unknown parameter(s) {', '.join(unknown)} for chapter {chapter.name!r}; "
+                         f"valid: {', '.join(defaults)}")
+    return params
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def build_dir_default() -> Path:
+    return Path(os.environ.get("BOOK_BUILD_DIR") or REPO_ROOT / "_build").resolve()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst``, replacing it; the old copy is renamed away first, then deleted."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: dict[str, Any] | None = None,
+                    build_dir: Path | None = None, root: Path = REPO_ROOT, quiet: bool = False) -> Path:
+    """Execute one notebook chapter with papermill; returns the executed notebook's path.
+
+    The chapter runs with its folder as working directory and these environment variables, which
+    :mod:`helpers.book` and :mod:`helpers.cache` read: ``BOOK_CHAPTER``, ``BOOK_PROFILE``,
+    ``BOOK_OUTPUT_DIR`` (a private work folder for figure data and records) and ``BOOK_CACHE_DIR``.
+    On success the executed notebook, ``data/<chapter>/`` and ``records/<chapter>.json`` are moved into
+    ``build_dir``; on failure nothing of the run is kept and a :class:`BuildError` names chapter and cell.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    build_dir = (build_dir or build_dir_default()).resolve()
+    params = resolve_parameters(chapter, profile, overrides, root)
+    work = Path(tempfile.mkdtemp(prefix=f".work-{chapter.name}-", dir=_ensure(build_dir)))
+    out_nb = work / f"{chapter.name}.ipynb"
+    env_updates = {
+        "BOOK_CHAPTER": chapter.name,
+        "BOOK_PROFILE": profile,
+        "BOOK_OUTPUT_DIR": str(work),
+        "BOOK_CACHE_DIR": os.environ.get("BOOK_CACHE_DIR") or str(build_dir / "cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
+    saved = {k: os.environ.get(k) for k in env_updates}
+    os.environ.update(env_updates)  # the kernel inherits the environment of this process
+    start = time.perf_counter()
+    try:
+        if not quiet:
+            print(f"[{profile}] {chapter.name}: executing with {params or 'its defaults'}", flush=True)
+        papermill.execute_notebook(
+            str(root / chapter.path), str(out_nb), parameters=params, kernel_name="python3",
+            cwd=str((root / chapter.path).parent), progress_bar=False, log_output=False,
+        )
+    except PapermillExecutionError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise BuildError(f"chapter {chapter.name!r} failed in cell {err.cell_index} "
+                         f"(execution count {err.exec_count}): {err.ename}: {err.evalue}".splitlines()[0]) from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    seconds = time.perf_counter() - start
+    # Commit: notebook, figure data, records — each moved into place whole.
+    _strip_injected_tag_noise(out_nb)
+    final_nb = build_dir / "executed" / profile / f"{chapter.name}.ipynb"
+    final_nb.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(out_nb, final_nb)
+    if (work / "data").exists():
+        _replace_dir(work / "data", build_dir / "data" / chapter.name)
+    records = work / "records.json"
+    record = json.loads(records.read_text()) if records.exists() else {}
+    record["_meta"] = {"profile": profile, "parameters": params, "seconds": round(seconds, 2)}
+    _atomic_write_text(build_dir / "records" / f"{chapter.name}.json", json.dumps(record, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    if not quiet:
+        print(f"[{profile}] {chapter.name}: done in {seconds:.1f} s", flush=True)
+    return final_nb
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _strip_injected_tag_noise(path: Path) -> None:
+    """Hide papermill's injected-parameters cell input in the HTML (the values stay visible as output-free code)."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "remove-input" not in tags:
+            tags.append("remove-input")
+    path.write_text(json.dumps(nb, indent=1))
+
+
+def build_html(profile: str = "default", *, build_dir: Path | None = None, root: Path = REPO_ROOT,
+               quiet: bool = False) -> Path:
+    """Build the HTML from a staged copy of the book with the executed notebooks swapped in.
+
+    Jupyter Book runs with warnings as errors (``-W``) and never executes anything (``execute_notebooks:
+    off`` in ``_config.yml``). Returns ``<build_dir>/html/index.html``.
+    """
+    build_dir = (build_dir or build_dir_default()).resolve()
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=_ensure(build_dir)))
+    try:
+        for name in ("_config.yml", "_toc.yml"):
+            shutil.copy2(root / name, stage / name)
+        shutil.copytree(root / BOOK_DIR_NAME, stage / BOOK_DIR_NAME,
+                        ignore=shutil.ignore_patterns("*.ipynb", "__pycache__", ".ipynb_checkpoints"))
+        for chapter in read_toc(root):
+            if chapter.is_notebook:
+                executed = build_dir / "executed" / profile / f"{chapter.name}.ipynb"
+                if not executed.exists():
+                    raise BuildError(f"chapter {chapter.name!r} has not been executed for profile {profile!r}: "
+                                     f"run `make book PROFILE={profile}` (or helpers.build chapter {chapter.name})")
+                shutil.copy2(executed, stage / chapter.path)
+        jb = Path(sys.executable).with_name("jupyter-book")
+        cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage), "--path-output", str(stage),
+               "-W", "--keep-going", "--builder", "html"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            problems = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                        if "WARNING" in ln or "ERROR" in ln or "Error" in ln]
+            detail = problems[0] if problems else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            log = build_dir / "jupyter-book.log"
+            log.write_text(proc.stdout + proc.stderr)
+            raise BuildError(f"jupyter-book build failed ({len(problems)} warning/error line(s); full log {log}): "
+                             f"{detail}")
+        _replace_dir(stage / "_build" / "html", build_dir / "html")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    index = build_dir / "html" / "index.html"
+    if not quiet:
+        print(f"book: {index}", flush=True)
+    return index
+
+
+def build_book(profile: str = "default", *, build_dir: Path | None = None, root: Path = REPO_ROOT,
+               quiet: bool = False) -> Path:
+    """Execute every chapter of ``_toc.yml`` under ``profile`` (stopping at the first failure), then build HTML."""
+    load_profile(profile, root)  # fail fast on an unknown profile, before any work
+    for chapter in notebook_chapters(root):
+        execute_chapter(chapter, profile, build_dir=build_dir, root=root, quiet=quiet)
+    return build_html(profile, build_dir=build_dir, root=root, quiet=quiet)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.build", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("book", "chapter", "list", "html"):
+        p = sub.add_parser(name)
+        p.add_argument("--profile", default=os.environ.get("PROFILE") or "default")
+        p.add_argument("--build-dir", type=Path, default=None)
+        p.add_argument("--root", type=Path, default=REPO_ROOT, help="book root holding _toc.yml (tests)")
+        if name == "chapter":
+            p.add_argument("name", help="chapter name, e.g. intro")
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override one parameter (repeatable)")
+            p.add_argument("--no-html", action="store_true", help="only execute, do not rebuild the HTML")
+    args = parser.parse_args(argv)
+    try:
+        root = args.root.resolve()
+        if args.command == "book":
+            build_book(args.profile, build_dir=args.build_dir, root=root)
+        elif args.command == "html":
+            build_html(args.profile, build_dir=args.build_dir, root=root)
+        elif args.command == "chapter":
+            chapter = find_chapter(args.name, root)
+            execute_chapter(chapter, args.profile, overrides=parse_overrides(args.overrides),
+                            build_dir=args.build_dir, root=root)
+            if not args.no_html:
+                build_html(args.profile, build_dir=args.build_dir, root=root)
+        elif args.command == "list":
+            profile = load_profile(args.profile, root)
+            for chapter in notebook_chapters(root):
+                print(f"{chapter.name:28s} {chapter.path}  defaults={notebook_parameters(root / chapter.path)}"
+                      f"  {args.profile}={profile.get(chapter.name, {})}")
+    except BuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny throw-away books for the runner's tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_notebook(path: Path, cells: list[tuple[str, str] | tuple[str, str, list[str]]]) -> Path:
+    """Write a notebook from ``(kind, source[, tags])`` triples; kind is ``"code"`` or ``"md"``."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    for cell in cells:
+        kind, source, *rest = cell
+        new = nbformat.v4.new_code_cell if kind == "code" else nbformat.v4.new_markdown_cell
+        c = new(source)
+        if rest:
+            c.metadata["tags"] = list(rest[0])
+        nb.cells.append(c)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def mini_book(tmp_path: Path) -> Path:
+    """A two-chapter book (``good`` records a number and writes figure data, ``boom`` raises in cell 2)."""
+    root = tmp_path / "book_root"
+    (root / "book" / "profiles").mkdir(parents=True)
+    shutil.copy(REPO / "_config.yml", root / "_config.yml")
+    (root / "book" / "references.bib").write_text((REPO / "book" / "references.bib").read_text())
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/index\nchapters:\n  - file: book/good\n  - file: book/boom\n")
+    (root / "book" / "index.md").write_text("# Mini\n\nA test book.\n")
+    write_notebook(root / "book" / "good.ipynb", [
+        ("md", "# Good"),
+        ("code", "scale = 2\nlabel = 'x'", ["parameters"]),
+        ("code", "from helpers import book\nbook.record('answer', 21 * scale)\n"
+                 "book.figure_data('line', {'x': [0, 1], 'y': [0, scale]})"),
+        ("md", "The answer is {glue:text}`answer`."),
+    ])
+    write_notebook(root / "book" / "boom.ipynb", [
+        ("md", "# Boom"),
+        ("code", "fail = True", ["parameters"]),
+        ("code", "x = 1"),
+        ("code", "if fail:\n    raise ValueError('deliberate failure')"),
+    ])
+    for profile, body in {"default": "good: {}\n", "smoke": "good:\n  scale: 3\n"}.items():
+        (root / "book" / "profiles" / f"{profile}.yml").write_text(body)
+    return root

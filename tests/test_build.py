@@ -1,0 +1,130 @@
+"""The runner behind `make book`: failures name the chapter, bad input is one line, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import build
+from helpers.build import BuildError
+
+from conftest import REPO, write_notebook
+
+
+def test_failing_chapter_names_chapter_and_cell(mini_book: Path, tmp_path: Path) -> None:
+    out = tmp_path / "_build"
+    with pytest.raises(BuildError) as err:
+        build.build_book("default", build_dir=out, root=mini_book, quiet=True)
+    msg = str(err.value)
+    assert "'boom'" in msg and "cell 3" in msg and "deliberate failure" in msg and "\n" not in msg
+    # The chapter before it completed; nothing of the failed run is left behind.
+    assert (out / "executed" / "default" / "good.ipynb").exists()
+    assert not (out / "executed" / "default" / "boom.ipynb").exists()
+    assert not (out / "data" / "boom").exists() and not (out / "records" / "boom.json").exists()
+    assert not list(out.glob(".work-*")) and not list(out.glob(".stage-*"))
+    assert not (out / "html").exists()
+
+
+def test_failing_chapter_makes_cli_exit_nonzero(mini_book: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "helpers.build", "book", "--root", str(mini_book), "--build-dir", str(tmp_path / "b")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "chapter 'boom' failed in cell 3" in proc.stderr
+
+
+def test_profile_parameters_reach_the_chapter(mini_book: Path, tmp_path: Path) -> None:
+    out = tmp_path / "_build"
+    build.execute_chapter(build.find_chapter("good", mini_book), "smoke", build_dir=out, root=mini_book, quiet=True)
+    record = json.loads((out / "records" / "good.json").read_text())
+    assert record["answer"] == 63 and record["_meta"]["parameters"] == {"scale": 3}
+    assert (out / "data" / "good" / "line.csv").read_text().splitlines()[-1] == "1,3"
+    build.execute_chapter(build.find_chapter("good", mini_book), "smoke", overrides={"scale": 5},
+                          build_dir=out, root=mini_book, quiet=True)
+    assert json.loads((out / "records" / "good.json").read_text())["answer"] == 105
+
+
+def test_html_build_from_executed_copies(mini_book: Path, tmp_path: Path) -> None:
+    (mini_book / "_toc.yml").write_text("format: jb-book\nroot: book/index\nchapters:\n  - file: book/good\n")
+    out = tmp_path / "_build"
+    index = build.build_book("default", build_dir=out, root=mini_book, quiet=True)
+    assert index == out / "html" / "index.html" and index.exists()
+    page = (out / "html" / "book" / "good.html").read_text()
+    assert "The answer is" in page and "42" in page
+    # Sources stay without outputs: the executed copy lives in _build only.
+    assert not json.loads((mini_book / "book" / "good.ipynb").read_text())["cells"][2]["outputs"]
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (lambda root: build.load_profile("nosuch", root), "unknown profile 'nosuch'"),
+        (lambda root: build.find_chapter("nosuch", root), "unknown chapter 'nosuch': the chapters are good, boom"),
+        (lambda root: build.resolve_parameters(build.find_chapter("good", root), "default", {"scal": 1}, root),
+         "unknown parameter(s) scal for chapter 'good'; valid: scale, label"),
+        (lambda root: build.parse_overrides(["scale"]), "not key=value"),
+    ],
+)
+def test_bad_input_is_one_clear_line(mini_book: Path, call, expected: str) -> None:
+    with pytest.raises(BuildError) as err:
+        call(mini_book)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_parameter_file_and_parameters_cell(mini_book: Path) -> None:
+    for p in (mini_book / "book" / "profiles").glob("*.yml"):
+        p.unlink()
+    with pytest.raises(BuildError, match=r"missing parameter file book/profiles/default.yml"):
+        build.load_profile("default", mini_book)
+    write_notebook(mini_book / "book" / "good.ipynb", [("code", "x = 1")])
+    with pytest.raises(BuildError, match=r"good.ipynb has no cell tagged 'parameters'"):
+        build.notebook_parameters(mini_book / "book" / "good.ipynb")
+
+
+def test_profile_naming_unknown_chapter_is_refused(mini_book: Path) -> None:
+    (mini_book / "book" / "profiles" / "default.yml").write_text("goood: {}\n")
+    with pytest.raises(BuildError, match="unknown chapter"):
+        build.load_profile("default", mini_book)
+
+
+def test_interrupted_chapter_leaves_nothing(mini_book: Path, tmp_path: Path) -> None:
+    """A kernel killed mid-chapter (as by Ctrl-C or a timeout) leaves no partial output."""
+    write_notebook(mini_book / "book" / "good.ipynb", [
+        ("code", "scale = 1", ["parameters"]),
+        ("code", "from helpers import book\nbook.figure_data('partial', {'x': [1]})\nimport os\nos._exit(1)"),
+    ])
+    out = tmp_path / "_build"
+    with pytest.raises(BaseException):
+        build.execute_chapter(build.find_chapter("good", mini_book), "default", build_dir=out, root=mini_book,
+                              quiet=True)
+    assert not list(out.rglob("partial.csv")) and not list(out.glob(".work-*"))
+    assert not (out / "executed" / "default" / "good.ipynb").exists()
+
+
+def test_committed_notebooks_have_no_outputs() -> None:
+    notebooks = sorted((REPO / "book").rglob("*.ipynb"))
+    assert notebooks, "the book has no notebooks"
+    for nb_path in notebooks:
+        nb = json.loads(nb_path.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs") and cell.get("execution_count") is None, (
+                    f"{nb_path.relative_to(REPO)} is committed with outputs: clear them "
+                    "(executed copies belong in _build/)")
+
+
+def test_every_toc_notebook_has_parameters_and_a_profile_entry() -> None:
+    for profile in ("smoke", "default", "paper"):
+        overrides = build.load_profile(profile)
+        for chapter in build.notebook_chapters():
+            build.resolve_parameters(chapter, profile)  # raises on an unknown name
+            if profile == "smoke":
+                assert chapter.name in overrides, f"smoke profile has no entry for chapter {chapter.name}"
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+    assert "make test" in (REPO / ".ci" / "run").read_text()
