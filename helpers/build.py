@@ -298,17 +298,26 @@ def build_html(profile: str = "default", *, build_dir: Path | None = None, root:
     build_dir = (build_dir or build_dir_default()).resolve()
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=_ensure(build_dir)))
     try:
-        for name in ("_config.yml", "_toc.yml"):
-            shutil.copy2(root / name, stage / name)
+        shutil.copy2(root / "_config.yml", stage / "_config.yml")
         shutil.copytree(root / BOOK_DIR_NAME, stage / BOOK_DIR_NAME,
                         ignore=shutil.ignore_patterns("*.ipynb", "__pycache__", ".ipynb_checkpoints"))
-        for chapter in read_toc(root):
+        # The root page is staged as index.<ext> at the top, so _build/html/index.html *is* the introduction
+        # (Jupyter Book otherwise writes a redirect there).
+        toc = yaml.safe_load((root / "_toc.yml").read_text())
+        pages = read_toc(root)
+        staged_path = {c: c.path for c in pages}
+        staged_path[pages[0]] = Path("index" + pages[0].path.suffix)
+        toc["root"] = "index"
+        (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+        for chapter in pages:
             if chapter.is_notebook:
                 executed = build_dir / "executed" / profile / f"{chapter.name}.ipynb"
                 if not executed.exists():
                     raise BuildError(f"chapter {chapter.name!r} has not been executed for profile {profile!r}: "
                                      f"run `make book PROFILE={profile}` (or helpers.build chapter {chapter.name})")
-                shutil.copy2(executed, stage / chapter.path)
+                shutil.copy2(executed, stage / staged_path[chapter])
+            elif staged_path[chapter] != chapter.path:
+                shutil.move(stage / chapter.path, stage / staged_path[chapter])
         jb = Path(sys.executable).with_name("jupyter-book")
         cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage), "--path-output", str(stage),
                "-W", "--keep-going", "--builder", "html"]

@@ -84,6 +84,8 @@ def _canonical(obj: Any) -> Any:
         return repr(obj)  # exact: 0.1 and 0.1000000000000001 are different keys
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
+    if isinstance(obj, torch.nn.Module):  # architecture and current values (parameters and buffers)
+        return {"module": repr(obj), "state": _canonical({k: v for k, v in obj.state_dict().items()})}
     if isinstance(obj, (torch.dtype, Path)):
         return str(obj)
     raise TypeError(

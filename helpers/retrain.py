@@ -1,0 +1,352 @@
+"""Ground truths: Δ_true by named retraining protocols, each with its drift baseline (STUDY.md §1–§3).
+
+Every protocol returns a :class:`GroundTruth` whose ``delta[t, j]`` is
+
+    Δ_true = ℓ(z_test_t, θ̂₋ᵢ) − ℓ(z_test_t, θ̂_ref),      i = removed[j],  in loss units, [n_test, n_removed]
+
+— the same orientation and sign as the influence estimate (positive: removing z_i raised the test loss) —
+and whose ``drift`` is the same protocol run with *nothing* removed, minus the same reference: what the
+protocol changes by itself. A Δ_true no larger than the drift measures the procedure, not the point.
+
+Each protocol runs as ONE batched ensemble (:func:`helpers.train.fit_ensemble`) over all removals plus the
+drift member (removed index −1 of :func:`helpers.objective.removal_weights`), so the drift costs one member.
+
+* :func:`warm_start` — continue from θ̂ without z_i, fresh optimizer state (Koh & Liang; the seed paper).
+* :func:`cold_start` — retrain from scratch per seed, with and without z_i; mean, per-seed values, seed noise.
+* :func:`pbrf` — the proximal Bregman response function of Bae et al. (2022), what influence estimates track.
+
+Runs are memoised through :func:`_memoized`, the single point where :mod:`helpers.cache` hooks in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from helpers.cache import memoize
+from helpers.objective import LooObjective, Params, loss_from_outputs, param_names, per_sample_losses, removal_weights
+from helpers.train import MemberObjective, Recipe, fit_ensemble, init_params, model_with, train_ensemble
+
+Data = tuple[Tensor, Tensor]
+
+
+@dataclass
+class GroundTruth:
+    """The result of one retraining protocol.
+
+    Attributes:
+        protocol: ``"warm_start"``, ``"cold_start"`` or ``"pbrf"``.
+        delta: ``[n_test, n_removed]`` Δ_true in loss units (cold start: the mean over seeds).
+        drift: ``[n_test]`` the nothing-removed member's test loss minus the reference loss (cold start:
+            ``[n_seeds, n_test]``, each seed's full-data fit minus θ̂_ref).
+        removed: ``[n_removed]`` training indices, the columns of ``delta``.
+        recipe: ``Recipe.to_dict()`` of the retraining.
+        test_losses: per-member test losses ``[n_removed + 1, n_test]``, drift member last (cold start:
+            ``[n_seeds, n_removed + 1, n_test]``).
+        ref_loss: ``[n_test]`` ℓ(z_test, θ̂_ref).
+        grad_norm: final ‖∇‖₂ of each member's training objective (layout of ``test_losses`` without n_test):
+            how far from a stationary point the retrained models are.
+        settings: the protocol's other knobs (params subset, loo objective, damping, seeds).
+        delta_per_seed: cold start only, ``[n_seeds, n_test, n_removed]``.
+        noise: cold start only, ``[n_test, n_removed]`` the seed-to-seed standard deviation (ddof 1; NaN for
+            one seed) of ``delta_per_seed`` — the noise floor of this ground truth.
+        params: stacked member parameters ``{name: [members, ...]}`` when asked for (``keep_params=True``).
+    """
+
+    protocol: str
+    delta: np.ndarray
+    drift: np.ndarray
+    removed: np.ndarray
+    recipe: dict[str, Any]
+    test_losses: np.ndarray
+    ref_loss: np.ndarray
+    grad_norm: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)
+    delta_per_seed: np.ndarray | None = None
+    noise: np.ndarray | None = None
+    params: dict[str, Tensor] | None = None
+
+    @property
+    def delta_minus_drift(self) -> np.ndarray:
+        """``[n_test, n_removed]`` Δ_true with the protocol's own change removed (warm start, PBRF).
+
+        Cold start's Δ is already paired with the same seed's full-data fit, so it is returned as is.
+        """
+        if self.drift.ndim == 1:
+            return self.delta - self.drift[:, None]
+        return self.delta
+
+
+# ------------------------------------------------------------------------------------------- caching
+
+
+def _memoized(name: str, key: dict[str, Any], compute: Callable[[], GroundTruth], use_cache: bool
+              ) -> GroundTruth:
+    """The single point where protocol runs hook into :mod:`helpers.cache`.
+
+    ``key`` holds the recipe, the protocol's knobs, and model, θ̂ and data (hashed by content; the cache
+    also keys on the ``helpers`` source).
+    """
+    return memoize(name, key, compute) if use_cache else compute()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _check_removed(removed: Sequence[int] | Tensor | np.ndarray, n: int) -> list[int]:
+    r = [int(i) for i in np.asarray(removed).reshape(-1)]
+    bad = [i for i in r if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"removed indices {bad} are outside the training set [0, {n}); -1 (the drift member) "
+                         "is added by the protocol itself")
+    return r
+
+
+def _as_data(data: Data, name: str) -> Data:
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise TypeError(f"{name} must be a pair (x, y) of tensors")
+    x, y = data
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: x has {x.shape[0]} rows, y has {y.shape[0]}")
+    return x, y
+
+
+def _cast(data: Data, recipe: Recipe) -> Data:
+    x, y = data
+    x = x.to(recipe.torch_dtype) if x.is_floating_point() else x
+    y = y.long() if recipe.loss == "cross_entropy" else y.to(x.device, recipe.torch_dtype)
+    return x, y
+
+
+def _theta(model: nn.Module, theta_hat: Params | None) -> dict[str, Tensor]:
+    named = dict(model.named_parameters())
+    base = {k: v.detach() for k, v in named.items()}
+    if theta_hat is not None:
+        missing = [k for k in theta_hat if k not in named]
+        if missing:
+            raise KeyError(f"theta_hat names parameters the model lacks: {missing}")
+        base.update({k: v.detach() for k, v in theta_hat.items()})
+    return base
+
+
+def _test_losses(work: nn.Module, stacked: dict[str, Tensor], test: Data, loss: str) -> Tensor:
+    """``[k, n_test]`` per-member test losses, one vmapped forward."""
+    xt, yt = test
+    return vmap(lambda p: per_sample_losses(work, p, xt, yt, loss))(stacked)
+
+
+def _with_reference(stacked: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Append θ̂_ref as one more member, so the reference loss comes from the very same vmapped kernel as the
+    members' (a member that never moved then has drift exactly 0, not round-off)."""
+    return {k: torch.cat([v, ref[k].to(v)[None]]) for k, v in stacked.items()}
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------- protocols
+
+
+def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Data, removed: Sequence[int],
+               recipe: Recipe, *, params: str | list[str] = "all", loo: LooObjective = "drop",
+               keep_params: bool = False, progress: bool = True, cache: bool = True) -> GroundTruth:
+    """Warm-start leave-one-out: continue from θ̂ without z_i, fresh optimizer state, for each i in ``removed``.
+
+    Args:
+        model: the architecture; parameters not in ``theta_hat`` are read from it.
+        theta_hat: θ̂, the trained weights (all, or a subset; None = the module's values).
+        train, test: ``(x, y)`` pairs; ``removed``: training indices.
+        recipe: the retraining — its length is the recipe's epochs (Adam / SGD) or tolerance (Newton / L-BFGS).
+        params: parameters retrained (``"all"`` or ``"last"``, the others frozen at θ̂).
+        loo: ``"drop"`` (others keep 1/n) or ``"reaverage"`` (others 1/(n−1)), see STUDY.md §1.
+        keep_params: also return the members' parameters.
+
+    Returns:
+        :class:`GroundTruth` with θ̂_ref = θ̂; ``drift`` = the nothing-removed member (how far the same
+        procedure moves θ̂ by itself: ≈ 0 only if θ̂ is a minimum of the retraining objective).
+
+    Cost: one ensemble of ``len(removed) + 1`` members for the recipe's length.
+    """
+    x, y = _as_data(train, "train")
+    test = _as_data(test, "test")
+    r = _check_removed(removed, x.shape[0])
+    theta = _theta(model, theta_hat)
+    key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test),
+           "removed": r, "recipe": recipe.to_dict(), "params": params, "loo": loo, "keep_params": keep_params}
+
+    def compute() -> GroundTruth:
+        xc, yc = _cast((x, y), recipe)
+        w = removal_weights(xc.shape[0], r + [-1], loo, dtype=recipe.torch_dtype)
+        ens = fit_ensemble(recipe, model, xc, yc, weights=w, inits=theta, params=params, progress=progress)
+        work = model_with(model, theta, dtype=recipe.torch_dtype, device=xc.device).requires_grad_(False)
+        names = list(ens.params)
+        losses = _test_losses(work, _with_reference(ens.params, {k: theta[k] for k in names}),
+                              _cast(test, recipe), recipe.loss)
+        ref = losses[-1]
+        members = losses[:-1]
+        return GroundTruth(
+            protocol="warm_start", delta=_np(members[:-1] - ref).T, drift=_np(members[-1] - ref),
+            removed=np.asarray(r, dtype=np.int64), recipe=recipe.to_dict(), test_losses=_np(members),
+            ref_loss=_np(ref), grad_norm=ens.grad_norm, settings={"params": params, "loo": loo},
+            params=ens.params if keep_params else None)
+
+    return _memoized("warm_start", key, compute, cache)
+
+
+def cold_start(model: nn.Module, train: Data, test: Data, removed: Sequence[int], recipe: Recipe,
+               seeds: Sequence[int], *, theta_hat: Params | None = None, params: str | list[str] = "all",
+               loo: LooObjective = "drop", keep_params: bool = False, progress: bool = True, cache: bool = True
+               ) -> GroundTruth:
+    """Cold-start leave-one-out: retrain from a fresh random init per seed, with and without each z_i.
+
+    For seed s: Δ_s[t, j] = ℓ(z_t, θ_s without z_removed[j]) − ℓ(z_t, θ_s on all data), both started from
+    :func:`helpers.train.init_params` ``(model, s)`` (mini-batch order from ``recipe.seed``, shared).
+
+    Returns:
+        :class:`GroundTruth` with ``delta`` = mean over seeds ``[n_test, n_removed]``, ``delta_per_seed``
+        ``[n_seeds, n_test, n_removed]``, ``noise`` = seed-to-seed std ``[n_test, n_removed]``, and ``drift``
+        ``[n_seeds, n_test]`` = each seed's full-data fit minus θ̂_ref (``theta_hat``, default the module's
+        values): the seed noise floor of the reference itself. ``params`` other than ``"all"`` re-initialise
+        and retrain only that subset (the rest frozen at θ̂_ref).
+
+    Cost: one ensemble of ``len(seeds) · (len(removed) + 1)`` members.
+    """
+    x, y = _as_data(train, "train")
+    test = _as_data(test, "test")
+    r = _check_removed(removed, x.shape[0])
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("cold_start needs at least one seed (two or more to measure seed noise)")
+    theta = _theta(model, theta_hat)
+    key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test),
+           "removed": r, "seeds": seeds, "recipe": recipe.to_dict(), "params": params, "loo": loo,
+           "keep_params": keep_params}
+
+    def compute() -> GroundTruth:
+        xc, yc = _cast((x, y), recipe)
+        n, m = xc.shape[0], len(r) + 1
+        ref_model = model_with(model, theta)
+        names = param_names(ref_model, params)
+        per_seed = [init_params(ref_model, s, names) for s in seeds]
+        inits = {k: torch.stack([p[k] for p in per_seed]).repeat_interleave(m, dim=0) for k in names}
+        w = removal_weights(n, r + [-1], loo, dtype=recipe.torch_dtype).repeat(len(seeds), 1)
+        frozen = {k: v for k, v in theta.items() if k not in names}
+        work_in = model_with(model, frozen) if frozen else model
+        ens = fit_ensemble(recipe, work_in, xc, yc, weights=w, inits=inits, params=names, progress=progress)
+        work = model_with(model, theta, dtype=recipe.torch_dtype, device=xc.device).requires_grad_(False)
+        losses = _test_losses(work, _with_reference(ens.params, {k: theta[k] for k in names}),
+                              _cast(test, recipe), recipe.loss)
+        ref = losses[-1]
+        members = losses[:-1].reshape(len(seeds), m, -1)  # [S, m, n_test]
+        full = members[:, -1]
+        per = (members[:, :-1] - full[:, None]).transpose(1, 2)  # [S, n_test, R]
+        noise = (per.std(dim=0, correction=1) if len(seeds) > 1 else torch.full_like(per[0], float("nan")))
+        return GroundTruth(
+            protocol="cold_start", delta=_np(per.mean(dim=0)), drift=_np(full - ref),
+            removed=np.asarray(r, dtype=np.int64), recipe=recipe.to_dict(), test_losses=_np(members),
+            ref_loss=_np(ref), grad_norm=ens.grad_norm.reshape(len(seeds), m),
+            settings={"params": params, "loo": loo, "seeds": seeds}, delta_per_seed=_np(per), noise=_np(noise),
+            params=ens.params if keep_params else None)
+
+    return _memoized("cold_start", key, compute, cache)
+
+
+def pbrf_objective(model: nn.Module, names: list[str], recipe: Recipe, damping: float, n: int) -> MemberObjective:
+    """The member objective of the PBRF (for :func:`helpers.train.train_ensemble`).
+
+    aux = (v, θˢ_1, …, θˢ_m): v ``[n]`` the signed weight of each point's loss (−1/n at the removed point, 0
+    elsewhere; all 0 for the drift member) and θˢ's tensors in ``names`` order. Per member:
+
+        (1/n) Σ_j D(h(θ, x_j), h(θˢ, x_j)) + Σ_j v_j ℓ(z_j, θ) + ((λ + δ)/2) ‖θ − θˢ‖²
+
+    D: KL(softmax h(θˢ) ‖ softmax h(θ)) written as the Bregman divergence of logsumexp (cross-entropy), or
+    ½‖h(θ) − h(θˢ)‖² (mse). λ = ``recipe.weight_decay`` is the L2 term's own Bregman divergence.
+    """
+    coef = recipe.weight_decay + damping
+
+    def lse(t: Tensor) -> Tensor:
+        return torch.logsumexp(t, dim=-1)
+
+    def member_objective(params, aux, xb, yb, idx, scale):
+        v, ths = aux[0], dict(zip(names, aux[1:]))
+        h = functional_call(model, params, (xb,))
+        h_s = functional_call(model, ths, (xb,))
+        if recipe.loss == "cross_entropy":
+            # p_s = ∇lse(h_s) through the *same* backward kernel that differentiates lse(h): at θ = θˢ the
+            # divergence's gradient ∇lse(h) − p_s is then exactly 0, and the drift member cannot move (Adam
+            # would otherwise amplify round-off gradients up to lr·g/eps per step).
+            lse_s, pullback = torch.func.vjp(lse, h_s)
+            (p_s,) = pullback(torch.ones_like(lse_s))
+            div = lse(h) - lse_s - (p_s * (h - h_s)).sum(-1)
+        else:
+            diff = h - h_s
+            div = 0.5 * (diff * diff).reshape(diff.shape[0], -1).sum(1)
+        vb = v if idx is None else v[idx]
+        data = div.sum() / n + (vb * loss_from_outputs(h, yb, recipe.loss)).sum()
+        if scale != 1.0:
+            data = data * scale
+        prox = sum(((params[k] - ths[k]) ** 2).sum() for k in names)
+        return data + 0.5 * coef * prox
+
+    return member_objective
+
+
+def pbrf(model: nn.Module, theta_hat: Params | None, train: Data, test: Data, removed: Sequence[int],
+         recipe: Recipe, damping: float, *, params: str | list[str] = "all", keep_params: bool = False,
+         progress: bool = True, cache: bool = True) -> GroundTruth:
+    """The proximal Bregman response function (Bae et al. 2022) for each removed point, as one ensemble.
+
+        θ_PBRF,i = argmin_θ (1/n) Σ_j D(h(θ,x_j), h(θˢ,x_j)) − (1/n) ℓ(z_i, θ) + ((λ + δ)/2) ‖θ − θˢ‖²
+
+    with θˢ = θ̂ (``theta_hat``), D the Bregman divergence of the output loss (softmax cross-entropy: the KL
+    between the two softmax outputs; mse: ½‖·‖²), δ = ``damping`` and λ = ``recipe.weight_decay`` (the L2 term
+    of the training objective is a quadratic, its Bregman divergence is (λ/2)‖θ − θˢ‖²; with λ = 0 this is
+    Bae et al.'s formula). Its influence counterpart is (1/n) ∇ℓ_testᵀ (G + λI + δI)⁻¹ ∇ℓ_i with G the
+    Gauss-Newton matrix. Optimised from θˢ by the recipe (Adam to its epochs, or Newton to its tolerance).
+    The drift member (nothing removed) has θˢ as its exact minimiser and stays there bit for bit.
+
+    Returns:
+        :class:`GroundTruth` with θ̂_ref = θˢ, ``delta`` = ℓ(z_test, θ_PBRF,i) − ℓ(z_test, θˢ).
+    """
+    x, y = _as_data(train, "train")
+    test = _as_data(test, "test")
+    r = _check_removed(removed, x.shape[0])
+    if not damping >= 0:
+        raise ValueError(f"damping δ must be >= 0, got {damping}")
+    if damping + recipe.weight_decay == 0 and recipe.optimizer == "newton":
+        raise ValueError("PBRF with damping 0 and weight_decay 0 has no proximity term: its Newton system can "
+                         "be singular — set damping > 0")
+    theta = _theta(model, theta_hat)
+    key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test),
+           "removed": r, "recipe": recipe.to_dict(), "params": params, "damping": float(damping),
+           "keep_params": keep_params}
+
+    def compute() -> GroundTruth:
+        xc, yc = _cast((x, y), recipe)
+        n, m = xc.shape[0], len(r) + 1
+        dt, dev = recipe.torch_dtype, xc.device
+        work = model_with(model, theta, dtype=dt, device=dev).requires_grad_(False)
+        names = param_names(work, params)
+        ths = {k: theta[k].to(device=dev, dtype=dt) for k in names}
+        start = {k: v[None].expand(m, *v.shape).clone() for k, v in ths.items()}
+        v = torch.zeros(m, n, dtype=dt, device=dev)
+        v[torch.arange(len(r)), torch.as_tensor(r, dtype=torch.long)] = -1.0 / n
+        aux = (v, *(start[k].clone() for k in names))
+        ens = train_ensemble(recipe, pbrf_objective(work, names, recipe, damping, n), start, aux, xc, yc,
+                             progress=progress)
+        losses = _test_losses(work, _with_reference(ens.params, ths), _cast(test, recipe), recipe.loss)
+        ref = losses[-1]
+        members = losses[:-1]
+        return GroundTruth(
+            protocol="pbrf", delta=_np(members[:-1] - ref).T, drift=_np(members[-1] - ref),
+            removed=np.asarray(r, dtype=np.int64), recipe=recipe.to_dict(), test_losses=_np(members),
+            ref_loss=_np(ref), grad_norm=ens.grad_norm, settings={"params": params, "damping": float(damping)},
+            params=ens.params if keep_params else None)
+
+    return _memoized("pbrf", key, compute, cache)

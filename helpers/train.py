@@ -1,0 +1,913 @@
+"""Training: a :class:`Recipe` (data), :func:`fit` for one model, :func:`fit_ensemble` for k models at once.
+
+Every fit minimises the project's objective (STUDY.md §1, :mod:`helpers.objective`)
+
+    R(θ) = Σ_i w_i ℓ(z_i, θ) + (λ/2) ‖θ‖²,      λ = ``recipe.weight_decay`` (coupled: it is in ∇R),
+
+over a chosen parameter subset (``"all"``, ``"last"`` or names; the rest stay frozen at the module's values).
+
+Removing a training point is a zero weight (:func:`helpers.objective.removal_weights`), so k leave-one-out
+fits differ only in their weight vectors and can run **as one vectorised ensemble**: the parameters of the k
+members are stacked along a leading axis and one ``torch.func.vmap`` of ``functional_call`` computes all k
+losses and gradients per step. The optimizers of the ensemble (Adam / AMSGrad / SGD with momentum, the
+plateau / cosine / step schedules, SWA) are written here on stacked tensors so that member j follows exactly
+the trajectory ``torch.optim`` would give it on its own — :func:`fit` *uses* ``torch.optim`` and
+``torch.optim.lr_scheduler.ReduceLROnPlateau``, which is what the tests compare against. Plateau schedules are
+per member (each member's learning rate drops when *its* loss stalls). Mini-batch order is one permutation
+stream drawn from ``recipe.seed`` and shared by all members, so member j equals the separate fit with that seed.
+
+Full-batch Newton (dense Hessian via ``torch.func``, backtracking line search) solves convex problems to a
+gradient-norm tolerance; it is what the convex chapter uses. Cost per iteration: one dense Hessian — d
+Hessian-vector products, d² floats of memory (logistic regression on MNIST, d = 7,840: 490 MB in float64) —
+and one O(d³) Cholesky solve. L-BFGS (``torch.optim.LBFGS``, strong-Wolfe) is the cheaper alternative.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+
+from helpers.objective import LOSS_NAMES, Params, objective, param_names
+
+OptimizerName = Literal["newton", "lbfgs", "adam", "sgd"]
+ScheduleName = Literal["none", "plateau", "cosine", "step"]
+
+OPTIMIZERS: tuple[str, ...] = ("newton", "lbfgs", "adam", "sgd")
+SCHEDULES: tuple[str, ...] = ("none", "plateau", "cosine", "step")
+DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+
+# ReduceLROnPlateau's defaults, passed explicitly to torch in `fit` and mirrored by the batched schedule.
+PLATEAU_THRESHOLD = 1e-4  # relative improvement that counts as "better"
+PLATEAU_EPS = 1e-8  # a reduction smaller than this is skipped
+# Newton: Armijo constant, halvings before a member is declared stalled, and the memory one chunk of dense
+# Hessians may take (members are processed in chunks so that k·d² floats never exceed it).
+ARMIJO_C = 1e-4
+MAX_HALVINGS = 60
+HESSIAN_BYTES = 2**28
+LBFGS_MAX_LS = 25
+
+# A member objective: (params, aux, xb, yb, idx, scale) -> scalar. `params` and the tensors of `aux` are one
+# member's (vmap strips the leading k axis); xb, yb are the current batch (shared by all members); idx are the
+# batch's indices into the training set (None for the full batch) and `scale` = n / |batch| makes the batch
+# term an unbiased estimate of the full sum Σ_i w_i ℓ_i.
+MemberObjective = Callable[[dict, tuple, Tensor, Tensor, "Tensor | None", float], Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained — data, recorded next to every result so "retrain without z" is well defined.
+
+    Attributes:
+        optimizer: ``"newton"`` (full-batch exact Newton, small d), ``"lbfgs"`` (full batch, strong Wolfe),
+            ``"adam"`` or ``"sgd"`` (``torch.optim`` semantics).
+        lr: learning rate (Adam / SGD), or L-BFGS's initial step (use 1.0); ignored by Newton.
+        epochs: passes over the data (Adam / SGD); one step per epoch when ``batch_size`` is None.
+        tol: gradient-norm tolerance ‖∇R‖₂ (L2 term included) where Newton / L-BFGS stop; for Adam / SGD it only
+            sets the ``converged`` flag of the result.
+        max_iter: iteration cap of Newton / L-BFGS.
+        weight_decay: λ of the L2 term (λ/2)‖θ‖² of the objective — *coupled* (it enters ∇R, like
+            ``torch.optim.Adam(weight_decay=λ)``), over the trained parameters only.
+        schedule: ``"none"``; ``"plateau"`` (lr ÷ ``factor`` once the epoch loss has not improved by a relative
+            1e-4 for more than ``patience`` epochs — ``ReduceLROnPlateau``; the paper: ÷10 after 100);
+            ``"cosine"`` (lr·(1 + cos(π e/epochs))/2 at epoch e); ``"step"`` (lr ÷ ``factor`` every
+            ``step_size`` epochs).
+        factor, patience, step_size: the schedule's knobs (``factor`` divides, so 10 means ×0.1).
+        swa_start: fraction of the epochs after which the parameters are averaged (equal weights, after each
+            epoch), e.g. 0.75 → SWA over the last 25 %; None = off. The result holds the average.
+        seed: the seed of the mini-batch permutation stream (shared by all members of an ensemble). Random
+            initialisation is separate: :func:`init_params` / ``fit_ensemble(seeds=...)``.
+        batch_size: None = full batch.
+        dtype: ``"float64"`` or ``"float32"``: model copy, data and parameters are cast to it.
+        loss: ``"cross_entropy"`` or ``"mse"`` (see :func:`helpers.objective.loss_from_outputs`).
+        amsgrad: Adam's AMSGrad variant.
+        momentum: SGD momentum (``torch.optim.SGD``, no dampening, no Nesterov).
+        betas, eps: Adam's constants.
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 1000
+    tol: float = 1e-8
+    max_iter: int = 100
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    factor: float = 10.0
+    patience: int = 100
+    step_size: int = 1000
+    swa_start: float | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    dtype: str = "float64"
+    loss: str = "cross_entropy"
+    amsgrad: bool = False
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        # Normalise the forms a JSON round trip or a caller may produce, so equal recipes hash equally.
+        if isinstance(self.dtype, torch.dtype):
+            names = {v: k for k, v in DTYPES.items()}
+            if self.dtype not in names:
+                raise ValueError(f"dtype {self.dtype} not supported: use one of {list(DTYPES)}")
+            object.__setattr__(self, "dtype", names[self.dtype])
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}: use one of {SCHEDULES}")
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {self.loss!r}: use one of {LOSS_NAMES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: use one of {list(DTYPES)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.epochs < 1 or self.max_iter < 0:
+            raise ValueError(f"epochs must be >= 1 and max_iter >= 0, got {self.epochs}, {self.max_iter}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay (λ) must be >= 0, got {self.weight_decay}")
+        if self.schedule in ("plateau", "step") and not self.factor > 1:
+            raise ValueError(f"factor divides the lr and must be > 1 (10 means ×0.1), got {self.factor}")
+        if self.swa_start is not None and not 0 <= self.swa_start < 1:
+            raise ValueError(f"swa_start is a fraction of training in [0, 1) (0.75 = last 25 %), got {self.swa_start}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None (full batch), got {self.batch_size}")
+        if self.optimizer in ("newton", "lbfgs") and self.batch_size is not None:
+            raise ValueError(f"{self.optimizer} is full batch: set batch_size=None")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be a pair, got {self.betas}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` named by :attr:`dtype`."""
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field; ``Recipe(**r.to_dict()) == r``."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class FitResult:
+    """One trained model.
+
+    Attributes:
+        params: the trained parameters ``{name: tensor}`` (only the trained subset; SWA average if on).
+        loss: final objective R(θ) (full data, L2 term included).
+        grad_norm: final ‖∇R(θ)‖₂ over the trained parameters.
+        history: objective per epoch (Adam / SGD: the epoch's (size-weighted mean) batch objective, before the
+            step) or per iteration (Newton / L-BFGS: at each iterate), as a numpy array.
+        converged: ``grad_norm < recipe.tol``.
+        lr: the learning rate at the end (after any schedule).
+    """
+
+    params: dict[str, Tensor]
+    loss: float
+    grad_norm: float
+    history: np.ndarray
+    converged: bool
+    lr: float = float("nan")
+
+
+@dataclass
+class EnsembleResult:
+    """k models trained as one vectorised ensemble.
+
+    Attributes:
+        params: stacked trained parameters ``{name: [k, ...]}``.
+        loss: ``[k]`` final objective per member; grad_norm: ``[k]`` final ‖∇R‖₂; converged: ``[k]`` bool.
+        history: ``[k, epochs]`` (Adam / SGD) or ``[k, iterations + 1]`` (Newton / L-BFGS; NaN after a member
+            stopped).
+        lr: ``[k]`` final learning rate per member.
+    """
+
+    params: dict[str, Tensor]
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    history: np.ndarray
+    converged: np.ndarray
+    lr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __len__(self) -> int:
+        return int(self.loss.shape[0])
+
+    def member(self, j: int) -> dict[str, Tensor]:
+        """The parameters of member j as an unstacked dict."""
+        return {k: v[j] for k, v in self.params.items()}
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def model_with(model: nn.Module, params: Params | None = None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
+    """A private copy of ``model`` (cast to ``dtype`` / ``device``) holding ``params`` where given.
+
+    Training never mutates the caller's module: frozen parameters are read from this copy.
+    """
+    work = copy.deepcopy(model)
+    if dtype is not None or device is not None:
+        work = work.to(device=device, dtype=dtype)
+    if params:
+        named = dict(work.named_parameters())
+        missing = [k for k in params if k not in named]
+        if missing:
+            raise KeyError(f"model has no parameters {missing}; it has {list(named)}")
+        with torch.no_grad():
+            for k, v in params.items():
+                if tuple(v.shape) != tuple(named[k].shape):
+                    raise ValueError(f"parameter {k!r}: shape {tuple(v.shape)} does not match the model's "
+                                     f"{tuple(named[k].shape)}")
+                named[k].copy_(v)
+    return work
+
+
+def init_params(model: nn.Module, seed: int, params: str | list[str] = "all") -> dict[str, Tensor]:
+    """A fresh random initialisation of ``model``: every submodule's ``reset_parameters()`` under ``seed``.
+
+    Drawn on the CPU in the module's dtype, so the same seed gives the same initial θ on any device.
+    Returns the subset named by ``params`` (``"all"``, ``"last"`` or names) as detached tensors.
+    """
+    work = copy.deepcopy(model).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in work.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    names = param_names(work, params)
+    named = dict(work.named_parameters())
+    return {n: named[n].detach().clone() for n in names}
+
+
+def _cast_data(x: Tensor, y: Tensor, recipe: Recipe) -> tuple[Tensor, Tensor]:
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}: they must match")
+    if x.is_floating_point():
+        x = x.to(recipe.torch_dtype)
+    if recipe.loss == "cross_entropy":
+        if y.is_floating_point():
+            raise ValueError("cross_entropy needs integer class labels y; got floating targets (use loss='mse'?)")
+        y = y.long()
+    else:
+        y = y.to(device=x.device, dtype=recipe.torch_dtype)
+    return x, y
+
+
+def weighted_objective(model: nn.Module, recipe: Recipe) -> MemberObjective:
+    """The member objective of ordinary training: aux = (w,), w ``[n]`` the member's per-sample weights.
+
+    On a batch the data term is ``scale · Σ_{i∈batch} w_i ℓ_i`` with scale = n/|batch| (unbiased for the full
+    Σ_i w_i ℓ_i); the L2 term (λ/2)‖θ‖² is added whole.
+    """
+
+    def member_objective(params, aux, xb, yb, idx, scale):
+        (w,) = aux
+        wb = w if idx is None else w[idx]
+        if scale != 1.0:
+            wb = wb * scale
+        return objective(model, params, xb, yb, weights=wb, l2=recipe.weight_decay, loss=recipe.loss)
+
+    return member_objective
+
+
+def _batches(n: int, recipe: Recipe, gen: torch.Generator | None, device: torch.device
+             ) -> Iterator[tuple[Tensor | None, float]]:
+    """Indices and scale n/|B| of one epoch's batches; full batch → (None, 1.0)."""
+    if recipe.batch_size is None or recipe.batch_size >= n:
+        yield None, 1.0
+        return
+    perm = torch.randperm(n, generator=gen).to(device)
+    for start in range(0, n, recipe.batch_size):
+        idx = perm[start:start + recipe.batch_size]
+        yield idx, n / idx.numel()
+
+
+def _scheduled_lr(recipe: Recipe, epoch: int) -> float:
+    """The lr of the closed-form schedules (cosine, step) at 0-based ``epoch``."""
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
+    if recipe.schedule == "step":
+        return recipe.lr * (1.0 / recipe.factor) ** (epoch // recipe.step_size)
+    return recipe.lr
+
+
+def _swa_first_epoch(recipe: Recipe) -> int | None:
+    """First 0-based epoch whose end-of-epoch parameters enter the SWA average (None: SWA off)."""
+    if recipe.swa_start is None:
+        return None
+    return min(int(math.floor(recipe.swa_start * recipe.epochs)), recipe.epochs - 1)
+
+
+def _non_finite(epoch: int | str, what: str, recipe: Recipe, member: int | None = None) -> FloatingPointError:
+    who = "" if member is None else f" (ensemble member {member})"
+    return FloatingPointError(
+        f"non-finite {what} at {epoch}{who} with optimizer {recipe.optimizer!r}, lr {recipe.lr}, dtype "
+        f"{recipe.dtype}: training diverged — lower the learning rate, use dtype='float64', or check the data "
+        "for NaN/inf")
+
+
+def _progress(total: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress or not sys.stderr.isatty(), leave=False,
+                mininterval=1.0)
+
+
+def _names_and_model(recipe: Recipe, model: nn.Module, x: Tensor, params: str | list[str],
+                     frozen_values: Params | None) -> tuple[nn.Module, list[str]]:
+    names = param_names(model, params)
+    if not names:
+        raise ValueError(f"parameter subset {params!r} selects no parameters of {type(model).__name__}")
+    work = model_with(model, None, dtype=recipe.torch_dtype, device=x.device)
+    if frozen_values:
+        frozen = {k: v for k, v in frozen_values.items() if k not in names}
+        if frozen:
+            work = model_with(work, {k: v.to(device=x.device, dtype=recipe.torch_dtype) for k, v in frozen.items()})
+    # torch.func differentiates the params it is given; frozen ones requiring grad would only make every
+    # forward pass record a useless autograd graph (and results that "require grad").
+    work.requires_grad_(False)
+    return work, names
+
+
+# ------------------------------------------------------------------------------------------- one model
+
+
+def fit(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weights: Tensor | None = None,
+        init: Params | None = None, params: str | list[str] = "all", progress: bool = True,
+        cache: bool = False) -> FitResult:
+    """Train one model on (x, y) by ``recipe``; the caller's module is never modified.
+
+    Args:
+        recipe: the :class:`Recipe`.
+        model: the module; parameters outside ``params`` stay frozen at its values (or at ``init``'s).
+        x: ``[n, ...]`` inputs; y: ``[n]`` labels (cross-entropy) or targets (mse).
+        weights: ``[n]`` per-sample weights w_i (e.g. a row of :func:`helpers.objective.removal_weights`);
+            default 1/n each.
+        init: starting values ``{name: tensor}`` (e.g. θ̂ for a warm start); default the module's values.
+            Entries for frozen parameters set the frozen values.
+        params: the trained subset: ``"all"``, ``"last"`` (``model.last_layer``) or a list of names.
+        progress: show a tqdm bar (only on a terminal).
+        cache: memoise the result on disk (:mod:`helpers.cache`), keyed by recipe, model (architecture and
+            values), data, weights, init and subset — so a chapter's θ̂ is bit-for-bit the same on a rebuild and
+            every result keyed on it is reused.
+
+    Returns:
+        :class:`FitResult`. Adam / SGD use ``torch.optim`` (and ``ReduceLROnPlateau`` for ``"plateau"``);
+        Newton and L-BFGS run to ``recipe.tol`` on ‖∇R‖₂ or ``recipe.max_iter`` iterations.
+
+    Raises:
+        FloatingPointError: a non-finite loss or gradient (names the epoch; lower lr or use float64).
+    """
+    if cache:
+        from helpers.cache import memoize
+
+        key = {"recipe": recipe.to_dict(), "model": model, "data": [x, y], "weights": weights, "init": init,
+               "params": params}
+        return memoize("fit", key, lambda: fit(recipe, model, x, y, weights=weights, init=init, params=params,
+                                               progress=progress))
+    x, y = _cast_data(x, y, recipe)
+    work, names = _names_and_model(recipe, model, x, params, init)
+    start = _start_values(work, names, init, x.device, recipe.torch_dtype)
+    n = x.shape[0]
+    w = _weights(weights, n, x, recipe)
+    member_objective = weighted_objective(work, recipe)
+    if recipe.optimizer in ("adam", "sgd"):
+        return _fit_torch_optim(recipe, member_objective, start, (w,), x, y, progress)
+    if recipe.optimizer == "lbfgs":
+        return _fit_lbfgs(recipe, member_objective, start, (w,), x, y, progress)
+    res = _newton_ensemble(recipe, member_objective, {k: v[None] for k, v in start.items()}, (w[None],), x, y,
+                           progress)
+    return FitResult({k: v[0] for k, v in res.params.items()}, float(res.loss[0]), float(res.grad_norm[0]),
+                     res.history[0][~np.isnan(res.history[0])], bool(res.converged[0]), float(res.lr[0]))
+
+
+def _start_values(work: nn.Module, names: list[str], init: Params | None, device, dtype) -> dict[str, Tensor]:
+    named = dict(work.named_parameters())
+    if init is None:
+        return {k: named[k].detach().clone() for k in names}
+    missing = [k for k in names if k not in init]
+    if missing:
+        raise KeyError(f"init lacks the trained parameters {missing}: give all of {names}")
+    out = {}
+    for k in names:
+        v = init[k].detach().to(device=device, dtype=dtype).clone()
+        if v.shape != named[k].shape:
+            raise ValueError(f"init[{k!r}] has shape {tuple(v.shape)}, the model's is {tuple(named[k].shape)}")
+        out[k] = v
+    return out
+
+
+def _weights(weights: Tensor | None, n: int, x: Tensor, recipe: Recipe) -> Tensor:
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=recipe.torch_dtype, device=x.device)
+    w = torch.as_tensor(weights).to(device=x.device, dtype=recipe.torch_dtype)
+    if w.shape != (n,):
+        raise ValueError(f"weights must be [n] = [{n}], got {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weights contain NaN/inf")
+    return w
+
+
+def _final_eval(member_objective: MemberObjective, params: dict, aux: tuple, x: Tensor, y: Tensor
+                ) -> tuple[float, float]:
+    g, val = grad_and_value(member_objective)(params, aux, x, y, None, 1.0)
+    gn = torch.sqrt(sum((t * t).sum() for t in g.values()))
+    return float(val), float(gn)
+
+
+def _fit_torch_optim(recipe: Recipe, member_objective: MemberObjective, start: dict, aux: tuple,
+                     x: Tensor, y: Tensor, progress: bool) -> FitResult:
+    """Adam / SGD with torch.optim on leaf tensors; gradients come from torch.func (frozen params untouched)."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    plist = list(leaves.values())
+    if recipe.optimizer == "adam":
+        opt = torch.optim.Adam(plist, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps, amsgrad=recipe.amsgrad,
+                               foreach=False)
+    else:
+        opt = torch.optim.SGD(plist, lr=recipe.lr, momentum=recipe.momentum, foreach=False)
+    sched = None
+    if recipe.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=1.0 / recipe.factor, patience=recipe.patience, threshold=PLATEAU_THRESHOLD,
+            threshold_mode="rel", eps=PLATEAU_EPS)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    n = x.shape[0]
+    vg = grad_and_value(member_objective)
+    swa_first, swa, swa_count = _swa_first_epoch(recipe), None, 0
+    history = np.empty(recipe.epochs)
+    bar = _progress(recipe.epochs, progress, f"fit {recipe.optimizer}")
+    for epoch in range(recipe.epochs):
+        if recipe.schedule in ("cosine", "step"):
+            opt.param_groups[0]["lr"] = _scheduled_lr(recipe, epoch)
+        epoch_loss = 0.0
+        for idx, scale in _batches(n, recipe, gen, x.device):
+            xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+            g, val = vg({k: v.detach() for k, v in leaves.items()}, aux, xb, yb, idx, scale)
+            if not math.isfinite(float(val)):
+                raise _non_finite(f"epoch {epoch}", "training loss", recipe)
+            for k, p in leaves.items():
+                if not torch.isfinite(g[k]).all():
+                    raise _non_finite(f"epoch {epoch}", f"gradient of {k!r}", recipe)
+                p.grad = g[k].detach()
+            opt.step()
+            # Same accumulation as the ensemble: the full-batch value itself, else the size-weighted mean.
+            epoch_loss = float(val) if idx is None else epoch_loss + (idx.numel() / n) * float(val)
+        history[epoch] = epoch_loss
+        if sched is not None:
+            sched.step(epoch_loss)
+        if swa_first is not None and epoch >= swa_first:
+            with torch.no_grad():
+                if swa is None:
+                    swa = {k: v.detach().clone() for k, v in leaves.items()}
+                else:
+                    for k, v in leaves.items():
+                        swa[k] += (v.detach() - swa[k]) / (swa_count + 1)
+                swa_count += 1
+        bar.update(1)
+    bar.close()
+    final = swa if swa is not None else {k: v.detach().clone() for k, v in leaves.items()}
+    loss, gn = _final_eval(member_objective, final, aux, x, y)
+    if not (math.isfinite(loss) and math.isfinite(gn)):
+        raise _non_finite("the end of training", "loss or gradient", recipe)
+    return FitResult(final, loss, gn, history, gn < recipe.tol, float(opt.param_groups[0]["lr"]))
+
+
+def _fit_lbfgs(recipe: Recipe, member_objective: MemberObjective, start: dict, aux: tuple, x: Tensor,
+               y: Tensor, progress: bool) -> FitResult:
+    """torch.optim.LBFGS (strong Wolfe), one iteration per ``step`` call so ‖∇R‖₂ can be checked each time.
+
+    LBFGS keeps its curvature pairs in its state between calls, so this is the same algorithm as one long call;
+    its own stopping rules (∞-norm, loss change) are switched off in favour of ‖∇R‖₂ < tol.
+    """
+    leaves = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    opt = torch.optim.LBFGS(list(leaves.values()), lr=recipe.lr, max_iter=1, max_eval=1 + LBFGS_MAX_LS,
+                            tolerance_grad=0.0, tolerance_change=0.0, history_size=100,
+                            line_search_fn="strong_wolfe")
+    vg = grad_and_value(member_objective)
+    cached: dict[str, Any] = {}
+
+    def evaluate():
+        g, val = vg({k: v.detach() for k, v in leaves.items()}, aux, x, y, None, 1.0)
+        return g, val
+
+    def closure():
+        # The first call of each step is at the point just checked: reuse that evaluation.
+        g, val = cached.pop("pending") if "pending" in cached else evaluate()
+        if not math.isfinite(float(val)):
+            raise _non_finite(f"L-BFGS iteration {cached.get('it')}", "training loss", recipe)
+        for k, p in leaves.items():
+            p.grad = g[k].detach().clone()
+        return val.detach()
+
+    history = []
+    gn = float("inf")
+    bar = _progress(recipe.max_iter, progress, "fit lbfgs")
+    for it in range(recipe.max_iter + 1):
+        g, val = evaluate()
+        gn = float(torch.sqrt(sum((t * t).sum() for t in g.values())))
+        if not (math.isfinite(float(val)) and math.isfinite(gn)):
+            raise _non_finite(f"L-BFGS iteration {it}", "loss or gradient", recipe)
+        history.append(float(val))
+        if gn < recipe.tol or it == recipe.max_iter:
+            break
+        before = torch.cat([v.detach().reshape(-1) for v in leaves.values()])
+        cached["pending"], cached["it"] = (g, val), it
+        opt.step(closure)
+        after = torch.cat([v.detach().reshape(-1) for v in leaves.values()])
+        if torch.equal(before, after):  # line search found no progress: stalled at round-off level
+            break
+        bar.update(1)
+    bar.close()
+    final = {k: v.detach().clone() for k, v in leaves.items()}
+    return FitResult(final, history[-1], gn, np.asarray(history), gn < recipe.tol, recipe.lr)
+
+
+# ------------------------------------------------------------------------------------------- ensembles
+
+
+def fit_ensemble(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weights: Tensor | None = None,
+                 inits: Params | None = None, seeds: list[int] | None = None, params: str | list[str] = "all",
+                 progress: bool = True) -> EnsembleResult:
+    """Train k models at once as one vectorised ensemble (vmap over stacked parameters).
+
+    Member j behaves exactly like ``fit(recipe, model, x, y, weights=weights[j], init=inits[j])`` (or
+    ``init=init_params(model, seeds[j], params)``) — same optimizer, per-member schedule and SWA, same
+    mini-batch order — up to floating-point round-off.
+
+    Args:
+        weights: ``[k, n]`` per-member sample weights (rows of :func:`helpers.objective.removal_weights`), or
+            None (1/n for every member).
+        inits: starting values, stacked ``{name: [k, ...]}`` or a single dict broadcast to all members (a single
+            dict may also hold frozen parameters' values); default the module's values.
+        seeds: k seeds for a random initialisation of each member (:func:`init_params`); excludes ``inits``.
+        params: trained subset, as in :func:`fit`.
+
+    Returns:
+        :class:`EnsembleResult` (stacked params ``[k, ...]``).
+
+    Cost: one vmapped forward/backward over k members per step — memory k × (parameters + activations).
+    Newton: k dense Hessians, processed in chunks of at most 256 MB. L-BFGS has no batched form here: its
+    members run one after another.
+    """
+    x, y = _cast_data(x, y, recipe)
+    single_init = inits is not None and _is_single(model, inits)
+    work, names = _names_and_model(recipe, model, x, params, inits if single_init else None)
+    k = _ensemble_size(weights, inits, seeds, single_init)
+    dtype, dev = recipe.torch_dtype, x.device
+    if seeds is not None:
+        if inits is not None:
+            raise ValueError("give either inits or seeds, not both")
+        # Drawn from the caller's module (its dtype), exactly as fit(init=init_params(model, s)) would be.
+        per = [init_params(model, s, names) for s in seeds]
+        start = {n_: torch.stack([p[n_] for p in per]).to(device=dev, dtype=dtype) for n_ in names}
+    elif inits is None or single_init:
+        one = _start_values(work, names, inits, dev, dtype)
+        start = {n_: v.unsqueeze(0).expand(k, *v.shape).clone() for n_, v in one.items()}
+    else:
+        extra = [n_ for n_ in inits if n_ not in names]
+        if extra:
+            raise ValueError(f"stacked inits hold frozen parameters {extra}: frozen values cannot differ per "
+                             "member — pass them in a single (unstacked) dict or train them too")
+        start = {}
+        for n_ in names:
+            if n_ not in inits:
+                raise KeyError(f"inits lacks the trained parameter {n_!r}")
+            start[n_] = inits[n_].detach().to(device=dev, dtype=dtype).clone()
+    n = x.shape[0]
+    if weights is None:
+        w = torch.full((k, n), 1.0 / n, dtype=dtype, device=dev)
+    else:
+        w = torch.as_tensor(weights).to(device=dev, dtype=dtype)
+        if w.shape != (k, n):
+            raise ValueError(f"weights must be [k, n] = [{k}, {n}], got {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError("weights contain NaN/inf")
+    return train_ensemble(recipe, weighted_objective(work, recipe), start, (w,), x, y, progress=progress)
+
+
+def _is_single(model: nn.Module, inits: Params) -> bool:
+    named = dict(model.named_parameters())
+    singles = [k for k, v in inits.items() if k in named and tuple(v.shape) == tuple(named[k].shape)]
+    if singles and len(singles) != len(inits):
+        raise ValueError("inits mixes stacked [k, ...] and single tensors: stack all or none")
+    return bool(singles)
+
+
+def _ensemble_size(weights, inits, seeds, single_init) -> int:
+    sizes = {}
+    if weights is not None:
+        sizes["weights"] = int(torch.as_tensor(weights).shape[0])
+    if seeds is not None:
+        sizes["seeds"] = len(seeds)
+    if inits is not None and not single_init:
+        sizes["inits"] = int(next(iter(inits.values())).shape[0])
+    if not sizes:
+        raise ValueError("cannot tell the ensemble size k: give weights [k, n], stacked inits or k seeds")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"inconsistent ensemble sizes {sizes}: they must agree")
+    return next(iter(sizes.values()))
+
+
+def train_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dict[str, Tensor], aux: tuple,
+                   x: Tensor, y: Tensor, *, progress: bool = True) -> EnsembleResult:
+    """Minimise a custom per-member objective for k stacked members (the engine behind :func:`fit_ensemble`).
+
+    Args:
+        member_objective: ``f(params, aux, xb, yb, idx, scale) -> scalar`` for one member (see
+            :data:`MemberObjective`); vmapped over the leading axis of ``start`` and of every tensor of ``aux``.
+        start: stacked initial values ``{name: [k, ...]}`` (not modified).
+        aux: tuple of per-member tensors ``[k, ...]`` (e.g. the weights ``[k, n]``).
+        x, y: training data, already in the recipe's dtype.
+
+    Used directly by :mod:`helpers.retrain` for the PBRF objective.
+    """
+    if recipe.optimizer == "newton":
+        return _newton_ensemble(recipe, member_objective, start, aux, x, y, progress)
+    if recipe.optimizer == "lbfgs":
+        results = [_fit_lbfgs(recipe, member_objective, {k: v[j] for k, v in start.items()},
+                              tuple(a[j] for a in aux), x, y, progress) for j in range(_k_of(start))]
+        hist_len = max(len(r.history) for r in results)
+        hist = np.full((len(results), hist_len), np.nan)
+        for j, r in enumerate(results):
+            hist[j, :len(r.history)] = r.history
+        return EnsembleResult({k: torch.stack([r.params[k] for r in results]) for k in start},
+                              np.array([r.loss for r in results]), np.array([r.grad_norm for r in results]),
+                              hist, np.array([r.converged for r in results]), np.array([r.lr for r in results]))
+    return _first_order_ensemble(recipe, member_objective, start, aux, x, y, progress)
+
+
+def _k_of(start: dict[str, Tensor]) -> int:
+    return int(next(iter(start.values())).shape[0])
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """A [k] tensor viewed as [k, 1, ...] to scale a stacked parameter."""
+    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _check_finite(val: Tensor, g: dict[str, Tensor], where: str, recipe: Recipe) -> None:
+    # One reduction per member (NaN/inf propagate through sums) and one host sync per step.
+    total = val.detach() + sum(t.detach().flatten(1).sum(1) for t in g.values())
+    ok = torch.isfinite(total)
+    if not bool(ok.all()):
+        j = int((~ok).nonzero()[0, 0])
+        raise _non_finite(where, "loss or gradient", recipe, member=j)
+
+
+def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dict, aux: tuple,
+                          x: Tensor, y: Tensor, progress: bool) -> EnsembleResult:
+    """Batched Adam / AMSGrad / SGD(+momentum) with per-member lr schedules and SWA.
+
+    The update formulas are those of ``torch.optim`` (single-tensor path), written on stacked tensors.
+    """
+    k, n = _k_of(start), x.shape[0]
+    dev = x.device
+    params = {name: v.clone() for name, v in start.items()}
+    vg = vmap(grad_and_value(member_objective), in_dims=(0, 0, None, None, None, None))
+    lr = torch.full((k,), recipe.lr, dtype=torch.float64, device=dev)
+    # Plateau state per member, as in ReduceLROnPlateau: best loss so far and bad-epoch count.
+    best = torch.full((k,), math.inf, dtype=torch.float64, device=dev)
+    bad = torch.zeros(k, dtype=torch.long, device=dev)
+    b1, b2 = recipe.betas
+    m = {name: torch.zeros_like(v) for name, v in params.items()}
+    v2 = {name: torch.zeros_like(v) for name, v in params.items()}
+    vmax = {name: torch.zeros_like(v) for name, v in params.items()} if recipe.amsgrad else None
+    buf: dict[str, Tensor] | None = None
+    step = 0
+    gen = torch.Generator().manual_seed(recipe.seed)
+    swa_first, swa, swa_count = _swa_first_epoch(recipe), None, 0
+    history = torch.empty((k, recipe.epochs), dtype=torch.float64, device=dev)
+    bar = _progress(recipe.epochs, progress, f"ensemble of {k} ({recipe.optimizer})")
+    for epoch in range(recipe.epochs):
+        if recipe.schedule in ("cosine", "step"):
+            lr.fill_(_scheduled_lr(recipe, epoch))
+        epoch_loss = torch.zeros(k, dtype=torch.float64, device=dev)
+        for idx, scale in _batches(n, recipe, gen, dev):
+            xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+            g, val = vg(params, aux, xb, yb, idx, scale)
+            _check_finite(val, g, f"epoch {epoch}", recipe)
+            step += 1
+            with torch.no_grad():
+                if recipe.optimizer == "adam":
+                    bc1 = 1 - b1 ** step
+                    bc2_sqrt = (1 - b2 ** step) ** 0.5
+                    neg_step = -(lr / bc1)
+                    for name, p in params.items():
+                        gi = g[name]
+                        m[name].lerp_(gi, 1 - b1)
+                        v2[name].mul_(b2).addcmul_(gi, gi, value=1 - b2)
+                        if vmax is not None:
+                            torch.maximum(vmax[name], v2[name], out=vmax[name])
+                            denom = (vmax[name].sqrt() / bc2_sqrt).add_(recipe.eps)
+                        else:
+                            denom = (v2[name].sqrt() / bc2_sqrt).add_(recipe.eps)
+                        p.add_((_bcast(neg_step, p) * m[name]).div_(denom))
+                else:
+                    if recipe.momentum != 0:
+                        if buf is None:
+                            buf = {name: gi.clone() for name, gi in g.items()}
+                        else:
+                            for name in params:
+                                buf[name].mul_(recipe.momentum).add_(g[name])
+                        d = buf
+                    else:
+                        d = g
+                    for name, p in params.items():
+                        p.add_(d[name] * _bcast(-lr, p))
+            if idx is None:
+                epoch_loss = val.detach().double()
+            else:
+                epoch_loss += (idx.numel() / n) * val.detach().double()
+        history[:, epoch] = epoch_loss
+        if recipe.schedule == "plateau":
+            better = epoch_loss < best * (1.0 - PLATEAU_THRESHOLD)
+            best = torch.where(better, epoch_loss, best)
+            bad = torch.where(better, torch.zeros_like(bad), bad + 1)
+            reduce = bad > recipe.patience
+            new_lr = lr * (1.0 / recipe.factor)
+            lr = torch.where(reduce & (lr - new_lr > PLATEAU_EPS), new_lr, lr)
+            bad = torch.where(reduce, torch.zeros_like(bad), bad)
+        if swa_first is not None and epoch >= swa_first:
+            if swa is None:
+                swa = {name: p.clone() for name, p in params.items()}
+            else:
+                for name, p in params.items():
+                    swa[name] += (p - swa[name]) / (swa_count + 1)
+            swa_count += 1
+        bar.update(1)
+    bar.close()
+    final = swa if swa is not None else params
+    g, val = vg(final, aux, x, y, None, 1.0)
+    _check_finite(val, g, "the end of training", recipe)
+    gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
+    return EnsembleResult(final, val.detach().double().cpu().numpy(), gn.double().cpu().numpy(),
+                          history.cpu().numpy(), (gn < recipe.tol).cpu().numpy(), lr.cpu().numpy())
+
+
+# ---------------------------------------------------------------------------------------------- Newton
+
+
+def _flattener(start: dict[str, Tensor]):
+    names = list(start)
+    shapes = [tuple(v.shape[1:]) for v in start.values()]
+    sizes = [math.prod(s) for s in shapes]
+
+    def unflatten(flat: Tensor) -> dict[str, Tensor]:
+        return {nm: part.reshape(sh) for nm, part, sh in zip(names, flat.split(sizes), shapes)}
+
+    def flatten(stacked: dict[str, Tensor]) -> Tensor:
+        return torch.cat([stacked[nm].reshape(stacked[nm].shape[0], -1) for nm in names], dim=1)
+
+    return flatten, unflatten, sum(sizes)
+
+
+def _dense_hessian(f: Callable[[Tensor], Tensor], d: int) -> Callable[[Tensor], Tensor]:
+    """∇²f as a d×d matrix: forward-over-reverse for small d, chunked reverse-over-reverse for large d
+    (bounds the memory of the d simultaneous tangents)."""
+    if d <= 2048:
+        hess = torch.func.hessian(f)
+
+        def quiet_hessian(*args):
+            # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script on first
+            # use; the FutureWarning it prints is torch-internal and says nothing about this computation.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+                return hess(*args)
+
+        return quiet_hessian
+    return torch.func.jacrev(torch.func.grad(f), chunk_size=256)
+
+
+def _newton_direction(H: Tensor, g: Tensor, it: int, members: Tensor, recipe: Recipe) -> Tensor:
+    """p = −H⁻¹g per member: Cholesky; on failure or near-singularity, eigendecomposition with the
+    pseudo-inverse on the positive part (softmax without L2 has an exact null space); negative curvature
+    raises (Newton needs a convex objective)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    diag = torch.diagonal(L, dim1=-2, dim2=-1).abs()
+    rcond = (diag.min(dim=-1).values / diag.max(dim=-1).values.clamp_min(1e-300)) ** 2
+    p = torch.empty_like(g)
+    good = (info == 0) & (rcond > 1e-12)
+    if good.any():
+        p[good] = -torch.cholesky_solve(g[good].unsqueeze(-1), L[good]).squeeze(-1)
+    for j in (~good).nonzero().reshape(-1).tolist():
+        evals, evecs = torch.linalg.eigh(H[j])
+        top = evals.abs().max()
+        cut = H.shape[-1] * torch.finfo(H.dtype).eps * top
+        if evals.min() < -1e3 * cut:
+            raise ValueError(
+                f"Newton iteration {it}, ensemble member {int(members[j])}: the Hessian is not positive "
+                f"semi-definite (smallest eigenvalue {float(evals.min()):.3e}, largest {float(top):.3e}); "
+                "Newton needs a convex objective — add weight_decay, or use optimizer 'adam' / 'lbfgs'")
+        keep = evals > cut
+        coef = (evecs[:, keep].T @ g[j]) / evals[keep]
+        p[j] = -(evecs[:, keep] @ coef)
+    return p
+
+
+def _newton_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dict, aux: tuple, x: Tensor,
+                     y: Tensor, progress: bool) -> EnsembleResult:
+    """Full-batch Newton with Armijo backtracking, each member independently until ‖∇R‖₂ < tol.
+
+    Members that converge (or stall: no Armijo step within 60 halvings) stop; the others go on. Cost per
+    iteration and member: d HVPs for the dense Hessian + O(d³) for the solve.
+    """
+    k = _k_of(start)
+    flatten, unflatten, d = _flattener(start)
+    theta = flatten(start).clone()
+
+    def f(flat: Tensor, aux_j: tuple) -> Tensor:
+        return member_objective(unflatten(flat), aux_j, x, y, None, 1.0)
+
+    vg = vmap(grad_and_value(f))
+    vf = vmap(f)
+    hess_one = _dense_hessian(f, d)
+    vhess = vmap(hess_one)
+    chunk = max(1, HESSIAN_BYTES // (d * d * theta.element_size()))
+    eps_mach = torch.finfo(theta.dtype).eps
+    active = torch.ones(k, dtype=torch.bool, device=theta.device)
+    stalled = torch.zeros_like(active)
+    history = torch.full((k, recipe.max_iter + 1), math.nan, dtype=torch.float64)
+    bar = _progress(recipe.max_iter, progress, f"newton ×{k}")
+    gn = torch.full((k,), math.inf, dtype=torch.float64, device=theta.device)
+    val = torch.full((k,), math.nan, dtype=theta.dtype, device=theta.device)
+    for it in range(recipe.max_iter + 1):
+        ids = active.nonzero().reshape(-1)
+        if ids.numel() == 0:
+            break
+        aux_a = tuple(a[ids] for a in aux)
+        g_a, val_a = vg(theta[ids], aux_a)
+        if not bool(torch.isfinite(val_a).all() & torch.isfinite(g_a).all()):
+            bad_j = int(ids[(~(torch.isfinite(val_a) & torch.isfinite(g_a).all(1))).nonzero()[0, 0]])
+            raise _non_finite(f"Newton iteration {it}", "loss or gradient", recipe, member=bad_j)
+        gn_a = g_a.norm(dim=1)
+        gn[ids], val[ids] = gn_a.double(), val_a
+        history[ids.cpu(), it] = val_a.double().cpu()
+        go = gn_a >= recipe.tol
+        if it == recipe.max_iter or not bool(go.any()):
+            active[ids[~go]] = False
+            break
+        active[ids[~go]] = False
+        ids, g_a, val_a = ids[go], g_a[go], val_a[go]
+        aux_a = tuple(a[ids] for a in aux)
+        p = torch.empty_like(g_a)
+        for s in range(0, ids.numel(), chunk):
+            sl = slice(s, s + chunk)
+            th = theta[ids[sl]]
+            if th.shape[0] == 1:  # no vmap: lets the large-d chunked Hessian run without a batch dimension
+                H = hess_one(th[0], tuple(a[0] for a in tuple(b[sl] for b in aux_a)))[None]
+            else:
+                H = vhess(th, tuple(a[sl] for a in aux_a))
+            p[sl] = _newton_direction(H, g_a[sl], it, ids[sl], recipe)
+        slope = (g_a * p).sum(1)
+        t = torch.ones_like(val_a)
+        ok = torch.zeros_like(go[go])
+        slack = 8 * eps_mach * val_a.abs()  # Armijo is blind below round-off: do not backtrack on noise
+        for _ in range(MAX_HALVINGS):
+            todo = ~ok
+            cand = theta[ids[todo]] + t[todo, None] * p[todo]
+            new = vf(cand, tuple(a[todo] for a in aux_a))
+            acc = new <= val_a[todo] + ARMIJO_C * t[todo] * slope[todo] + slack[todo]
+            sub = todo.nonzero().reshape(-1)
+            theta[ids[sub[acc]]] = cand[acc]
+            ok[sub[acc]] = True
+            if bool(ok.all()):
+                break
+            t[sub[~acc]] *= 0.5
+        if not bool(ok.all()):
+            stalled[ids[~ok]] = True
+            active[ids[~ok]] = False
+        bar.update(1)
+    bar.close()
+    params = unflatten_stacked(theta, start)
+    converged = (gn < recipe.tol).cpu().numpy()
+    hist = history.numpy()
+    last = int(np.max(np.nonzero(~np.isnan(hist).all(0))[0])) + 1 if k else 0
+    return EnsembleResult(params, val.double().cpu().numpy(), gn.cpu().numpy(), hist[:, :last], converged,
+                          np.full(k, recipe.lr))
+
+
+def unflatten_stacked(theta: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Split stacked flat vectors ``[k, d]`` into ``{name: [k, ...]}`` shaped like ``like`` (stacked)."""
+    out, s = {}, 0
+    for name, v in like.items():
+        size = math.prod(v.shape[1:])
+        out[name] = theta[:, s:s + size].reshape(v.shape).clone()
+        s += size
+    return out

@@ -1,0 +1,215 @@
+"""helpers.train: recipes as data, exact Newton, and the batched ensemble against one-by-one fits (float64)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers.objective import objective, removal_weights
+from helpers.train import EnsembleResult, Recipe, fit, fit_ensemble, init_params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression; its only layer is the last layer."""
+
+    def __init__(self, d: int = 3, c: int = 3):
+        super().__init__()
+        self.linear = nn.Linear(d, c)
+
+    @property
+    def last_layer(self) -> nn.Module:
+        return self.linear
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 3, width: int = 5, c: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, c))
+
+    @property
+    def last_layer(self) -> nn.Module:
+        return self.net[-1]
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_data(n: int = 40, d: int = 3, c: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d, c, generator=g, dtype=torch.float64)
+    logits = 2 * x @ w + 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    return x, logits.argmax(1)
+
+
+def make_model(cls=MLP, seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return cls(**kw).double()
+
+
+def grad_norm(model, params, x, y, w, l2, loss="cross_entropy"):
+    """‖∇R‖₂ recomputed independently with plain autograd."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    r = objective(model, leaves, x, y, weights=w, l2=l2, loss=loss)
+    grads = torch.autograd.grad(r, list(leaves.values()))
+    return float(torch.sqrt(sum((g * g).sum() for g in grads)))
+
+
+def test_recipe_is_hashable_json_data():
+    r = Recipe(optimizer="adam", lr=1e-3, epochs=10, schedule="plateau", swa_start=0.75, betas=[0.9, 0.99])
+    assert r == Recipe(**json.loads(json.dumps(r.to_dict())))
+    assert hash(r) == hash(Recipe(**r.to_dict()))
+    assert r.replace(lr=1e-2).lr == 1e-2 and r.lr == 1e-3
+    assert Recipe(dtype=torch.float32).dtype == "float32"
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        Recipe(optimizer="adagrad")
+    with pytest.raises(ValueError, match="swa_start"):
+        Recipe(swa_start=1.5)
+    with pytest.raises(ValueError, match="full batch"):
+        Recipe(optimizer="newton", batch_size=8)
+
+
+def test_newton_reaches_tight_gradient_norm_on_l2_logistic_regression():
+    x, y = make_data()
+    model = make_model(LogReg)
+    res = fit(Recipe(optimizer="newton", weight_decay=1e-2, tol=1e-12, max_iter=50), model, x, y, progress=False)
+    assert res.converged and res.grad_norm < 1e-10
+    w = torch.full((40,), 1 / 40, dtype=torch.float64)
+    assert grad_norm(model, res.params, x, y, w, 1e-2) < 1e-10
+    assert np.all(np.diff(res.history) <= 1e-15)  # the line search never increases the objective
+    assert len(res.history) < 15  # quadratic convergence: a handful of iterations
+
+
+def test_lbfgs_reaches_newtons_minimum():
+    x, y = make_data()
+    model = make_model(LogReg)
+    newton = fit(Recipe(optimizer="newton", weight_decay=1e-2, tol=1e-12), model, x, y, progress=False)
+    lbfgs = fit(Recipe(optimizer="lbfgs", lr=1.0, weight_decay=1e-2, tol=1e-9, max_iter=300), model, x, y,
+                progress=False)
+    assert lbfgs.converged and lbfgs.grad_norm < 1e-9
+    for k in newton.params:
+        # ‖θ − θ*‖ ≤ ‖∇R‖/λ_min(H) with λ_min ≥ λ = 1e-2
+        torch.testing.assert_close(lbfgs.params[k], newton.params[k], rtol=0, atol=1e-7)
+
+
+CASES = {
+    # chosen so that the relative threshold, the eps floor and per-member timing all change the outcome
+    "adam+plateau+wd": (Recipe(optimizer="adam", lr=0.05, epochs=150, schedule="plateau", patience=3,
+                               weight_decay=0.1), MLP, "all"),
+    "amsgrad+swa+wd": (Recipe(optimizer="adam", lr=0.02, epochs=80, amsgrad=True, swa_start=0.5,
+                              weight_decay=1e-2), MLP, "all"),
+    "sgd+momentum+minibatch+step": (Recipe(optimizer="sgd", lr=0.1, epochs=30, momentum=0.9, batch_size=16,
+                                           schedule="step", step_size=10, factor=2.0, seed=3), MLP, "all"),
+    "sgd+cosine+last-layer": (Recipe(optimizer="sgd", lr=0.5, epochs=60, schedule="cosine", weight_decay=1e-3),
+                              MLP, "last"),
+    "adam+minibatch+plateau": (Recipe(optimizer="adam", lr=0.1, epochs=40, batch_size=7, schedule="plateau",
+                                      patience=0, seed=1), MLP, "all"),
+    "newton+wd": (Recipe(optimizer="newton", weight_decay=1e-2, tol=1e-12), LogReg, "all"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_leave_one_out_ensemble_equals_fits_one_by_one(case):
+    recipe, cls, which = CASES[case]
+    x, y = make_data()
+    model = make_model(cls)
+    removed = [0, 7, 19, 33, -1]  # four leave-one-out fits and the drift member
+    w = removal_weights(40, removed)
+    ens = fit_ensemble(recipe, model, x, y, weights=w, params=which, progress=False)
+    assert isinstance(ens, EnsembleResult) and len(ens) == len(removed)
+    for j in range(len(removed)):
+        one = fit(recipe, model, x, y, weights=w[j], params=which, progress=False)
+        assert set(one.params) == set(ens.params)
+        for k in one.params:
+            torch.testing.assert_close(ens.params[k][j], one.params[k], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(ens.loss[j], one.loss, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(ens.grad_norm[j], one.grad_norm, rtol=1e-6, atol=1e-12)
+        hist = ens.history[j][~np.isnan(ens.history[j])]
+        np.testing.assert_allclose(hist, one.history, rtol=1e-8, atol=1e-12)
+        assert ens.lr[j] == pytest.approx(one.lr, rel=1e-12)
+    if recipe.schedule == "plateau":
+        assert (ens.lr < recipe.lr).any(), "the test should exercise at least one plateau reduction"
+    if case == "adam+plateau+wd":  # schedules are per member: their learning rates part ways
+        assert len(set(ens.lr.tolist())) > 1
+    if recipe.optimizer == "newton":
+        assert ens.converged.all() and (ens.grad_norm < 1e-12).all()
+    # the members really differ: removal changes the fit
+    k0 = next(iter(ens.params))
+    assert not torch.allclose(ens.params[k0][0], ens.params[k0][-1], rtol=0, atol=1e-12)
+
+
+def test_seeded_ensemble_equals_separate_seeded_fits():
+    x, y = make_data()
+    model = make_model(MLP)
+    recipe = Recipe(optimizer="adam", lr=0.05, epochs=50, weight_decay=1e-3)
+    seeds = [0, 1, 5]
+    ens = fit_ensemble(recipe, model, x, y, seeds=seeds, progress=False)
+    for j, s in enumerate(seeds):
+        one = fit(recipe, model, x, y, init=init_params(model, s), progress=False)
+        for k in one.params:
+            torch.testing.assert_close(ens.params[k][j], one.params[k], rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(ens.params["net.0.weight"][0], ens.params["net.0.weight"][1])
+
+
+def test_init_params_is_reproducible_and_seed_dependent():
+    model = make_model(MLP)
+    a, b, c = init_params(model, 3), init_params(model, 3), init_params(model, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["net.0.weight"], c["net.0.weight"])
+    assert list(init_params(model, 3, "last")) == ["net.2.weight", "net.2.bias"]
+
+
+def test_fit_never_modifies_the_module_and_warm_starts_from_init():
+    x, y = make_data()
+    model = make_model(MLP)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = init_params(model, 9)
+    res = fit(Recipe(optimizer="adam", lr=0.01, epochs=1), model, x, y, init=start, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # one Adam step moves every coordinate by about lr from the given init, not from the module's values
+    for k in start:
+        assert (res.params[k] - start[k]).abs().max() < 0.011
+
+
+def test_non_finite_training_raises_naming_the_epoch():
+    g = torch.Generator().manual_seed(0)
+    x = 10 * torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 2).double()
+    recipe = Recipe(optimizer="sgd", lr=1e3, epochs=200, loss="mse")
+    with pytest.raises(FloatingPointError, match=r"epoch \d+.*lower the learning rate"):
+        fit(recipe, model, x, y, progress=False)
+    with pytest.raises(FloatingPointError, match=r"epoch \d+ \(ensemble member \d\)"):
+        fit_ensemble(recipe, model, x, y, weights=removal_weights(30, [0, -1]), progress=False)
+
+
+def test_newton_refuses_negative_curvature_with_a_clear_message():
+    x, y = make_data()
+    with pytest.raises(ValueError, match="not positive semi-definite.*smallest eigenvalue"):
+        fit(Recipe(optimizer="newton", tol=1e-10), make_model(MLP), x, y, progress=False)
+
+
+def test_bad_input_is_named():
+    x, y = make_data()
+    model = make_model(LogReg)
+    with pytest.raises(ValueError, match=r"weights must be \[n\]"):
+        fit(Recipe(epochs=1), model, x, y, weights=torch.ones(39), progress=False)
+    with pytest.raises(ValueError, match="inconsistent ensemble sizes"):
+        fit_ensemble(Recipe(epochs=1), model, x, y, weights=removal_weights(40, [1, 2]), seeds=[0, 1, 2],
+                     progress=False)
+    with pytest.raises(ValueError, match="integer class labels"):
+        fit(Recipe(epochs=1), model, x, y.double(), progress=False)
