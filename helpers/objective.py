@@ -130,8 +130,9 @@ def param_names(model: nn.Module, which: str | list[str] = "all") -> list[str]:
         last = getattr(model, "last_layer", None)
         if last is None:
             raise AttributeError(
-                f"{type(model).__name__} has no `last_layer` attribute: set model.last_layer = <final nn.Module> "
-                "or pass the parameter names explicitly"
+                f"{type(model).__name__} has no `last_layer` attribute: define a `last_layer` property returning the "
+                "final nn.Module (on nn.Sequential an attribute would register the layer twice), or pass the "
+                "parameter names explicitly"
             )
         ids = {id(p) for p in last.parameters()}
         return [n for n, p in model.named_parameters() if id(p) in ids]

@@ -1,0 +1,207 @@
+"""Influence estimates in the book's one convention (STUDY.md §1).
+
+    Δ_pred[t, i] = w_i · ∇ℓ(z_test_t, θ̂)ᵀ (H + δI)⁻¹ ∇ℓ(z_i, θ̂),     w_i = 1/n by default,
+
+the predicted change of test loss t when training point i is removed (loss units, shape ``[n_test, n_train]``;
+positive: the point helped that test point). H is the curvature of the training objective
+:func:`helpers.objective.objective` at the model's current weights θ̂ with respect to the chosen parameter
+subset, the L2 term included by default; δ is an explicit damping.
+
+Removing point i is the weight change w_i → 0, and one Newton step from θ̂ with H in place of the leave-one-out
+Hessian moves the parameters by Δθ_i = w_i (H + δI)⁻¹ ∇ℓ(z_i, θ̂) (:func:`predict_param_change`); the test loss
+then changes by ∇ℓ(z_test, θ̂)ᵀ Δθ_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from helpers.curvature import CurvatureKind, check_problem, hessian_operator
+from helpers.objective import LossName, Params, model_params, param_names, per_sample_losses
+from helpers.solvers import Method, SolveResult, solve
+
+__all__ = ["InfluenceResult", "per_sample_grads", "predict_param_change", "predict_removal"]
+
+
+def per_sample_grads(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss: LossName = "cross_entropy",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """∇_θ ℓ(z_i, θ) for every row, flattened in ``params``-dict order: ``[n, d]``.
+
+    The loss gradient only — no L2 term and no weight w_i (those belong to the objective and its Hessian).
+    Computed as ``vmap(grad(ℓ))`` over the rows, never a Python loop. Cost: about one batched backward pass;
+    memory n·d numbers plus vmap's per-sample activations (bound it with ``chunk_size`` rows at a time).
+
+    Raises:
+        ValueError / TypeError for bad inputs (see :func:`helpers.curvature.check_problem`), and ValueError naming
+        the first row whose loss or gradient is non-finite.
+    """
+    check_problem(model, params, x, y, loss=loss, what="data")
+    params = {k: v.detach() for k, v in params.items()}
+
+    def loss_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        # a batch of one, so that the model sees the [batch, ...] shapes it was written for
+        return per_sample_losses(model, p, xi.unsqueeze(0), yi.unsqueeze(0), loss)[0]
+
+    with torch.no_grad():  # grad still differentiates in `params`; the module's own tensors stay untracked
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
+    flat = torch.cat([grads[name].reshape(x.shape[0], -1) for name in params], dim=1)
+    # a row sum is non-finite iff the row holds a NaN/inf (or overflows, equally unusable); one read of [n, d]
+    # instead of materialising an [n, d] isfinite mask, which costs more than the gradients themselves
+    finite = torch.isfinite(flat.sum(dim=1))
+    if not bool(finite.all()):
+        i = int(torch.nonzero(~finite)[0])
+        with torch.no_grad():
+            li = per_sample_losses(model, params, x[i : i + 1], y[i : i + 1], loss)[0].item()
+        raise ValueError(
+            f"{int((~finite).sum())} per-sample gradients are non-finite (first: row {i}, loss {li}): check that "
+            "row's features and label and the model's weights"
+        )
+    return flat
+
+
+@dataclass
+class InfluenceResult:
+    """The output of :func:`predict_removal`.
+
+    Attributes:
+        values: ``[n_test, n_train]`` predicted change in test loss when each training point is removed
+            (loss units; positive = the point helped).
+        solve: the :class:`~helpers.solvers.SolveResult` of (H + δI) X = G_testᵀ; its ``relative_residual``
+            (one per test point) measures the solver's error.
+        param_names: the parameters differentiated, in flat order.
+        damping: δ; hessian: ``"hessian"`` or ``"gauss_newton"``; l2_in_hessian: λ used in H (0 if excluded).
+    """
+
+    values: Tensor
+    solve: SolveResult
+    param_names: list[str]
+    damping: float
+    hessian: str
+    l2_in_hessian: float
+
+    def summary(self) -> dict[str, Any]:
+        """Flat, printable record of how the values were made (for tables and captions)."""
+        return {
+            "method": self.solve.method,
+            "damping": self.damping,
+            "hessian": self.hessian,
+            "l2_in_hessian": self.l2_in_hessian,
+            "n_params": int(self.solve.x.shape[0]),
+            "max_relative_residual": self.solve.max_relative_residual,
+            "iterations": self.solve.iterations,
+        }
+
+
+def _setup(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    params: str | list[str],
+    weights: Tensor | None,
+    l2: float,
+    loss: LossName,
+    hessian: CurvatureKind,
+    include_l2_in_hessian: bool,
+) -> tuple[dict[str, Tensor], Any, Tensor, float]:
+    """Parameters, curvature operator and per-point weights shared by both public functions."""
+    if not isinstance(train, (tuple, list)) or len(train) != 2:
+        raise TypeError("train must be a pair (x_train, y_train)")
+    names = param_names(model, params)
+    P = model_params(model, names)
+    x_tr, y_tr = train
+    check_problem(model, P, x_tr, y_tr, weights=weights, loss=loss, what="train")
+    l2_h = float(l2) if include_l2_in_hessian else 0.0
+    op = hessian_operator(model, P, x_tr, y_tr, weights=weights, l2=l2_h, loss=loss, kind=hessian)
+    n = x_tr.shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=x_tr.dtype, device=x_tr.device) if weights is None else weights.to(x_tr)
+    return P, op, w, l2_h
+
+
+def predict_removal(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    *,
+    params: str | list[str] = "all",
+    l2: float = 0.0,
+    weights: Tensor | None = None,
+    loss: LossName = "cross_entropy",
+    method: Method = "exact",
+    damping: float = 0.0,
+    hessian: CurvatureKind = "hessian",
+    include_l2_in_hessian: bool = True,
+    **solver_options: Any,
+) -> InfluenceResult:
+    """Predicted change of each test loss when each training point is removed: ``[n_test, n_train]``.
+
+    values[t, i] = w_i · g_testₜᵀ (H + δI)⁻¹ g_i with g = per-sample loss gradients at the model's current
+    weights θ̂ (no L2 term), H the curvature of R(θ) = Σ w_i ℓ_i + (λ/2)‖θ‖² over ``params`` (``"all"``,
+    ``"last"`` = ``model.last_layer``, or a list of names), w_i = 1/n unless ``weights`` are given.
+
+    Args:
+        train, test: ``(x, y)`` pairs. l2: λ of the training objective. loss: ``"cross_entropy"`` | ``"mse"``.
+        method, damping, **solver_options: passed to :func:`helpers.solvers.solve`.
+        hessian: ``"hessian"`` (exact) or ``"gauss_newton"``.
+        include_l2_in_hessian: ``False`` reproduces the seed paper's last-layer Hessian without λI
+            (STUDY.md §3 item 5: exactly singular — pair it with ``method="pinv"``).
+
+    Cost: n_train + n_test per-sample gradients (one vmapped pass each), one solve with only n_test right-hand
+    sides (H is symmetric, so g_testᵀ H⁻¹ g_i = (H⁻¹ g_test)ᵀ g_i: solving for the few test gradients instead of
+    the many training gradients), then one [n_test, d] × [d, n_train] product. Memory: (n_train + n_test)·d.
+    """
+    if not isinstance(test, (tuple, list)) or len(test) != 2:
+        raise TypeError("test must be a pair (x_test, y_test)")
+    P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
+    check_problem(model, P, test[0], test[1], loss=loss, what="test")
+    g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
+    g_train = per_sample_grads(model, P, train[0], train[1], loss)  # [n_train, d]
+    result = solve(op, g_test.T.contiguous(), method=method, damping=damping, **solver_options)  # x: [d, n_test]
+    values = (result.x.T @ g_train.T) * w[None, :]
+    return InfluenceResult(
+        values=values,
+        solve=result,
+        param_names=list(P),
+        damping=float(damping),
+        hessian=hessian,
+        l2_in_hessian=l2_h,
+    )
+
+
+def predict_param_change(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    *,
+    params: str | list[str] = "all",
+    l2: float = 0.0,
+    weights: Tensor | None = None,
+    loss: LossName = "cross_entropy",
+    method: Method = "exact",
+    damping: float = 0.0,
+    hessian: CurvatureKind = "hessian",
+    include_l2_in_hessian: bool = True,
+    return_solve: bool = False,
+    **solver_options: Any,
+) -> Tensor | tuple[Tensor, SolveResult]:
+    """Predicted parameter change when each training point is removed: ``[n_train, d]``, row i = w_i (H + δI)⁻¹ g_i.
+
+    The sign is θ̂₋ᵢ − θ̂ (new minus old), in the flat order of ``params``; arguments as in
+    :func:`predict_removal`. For a quadratic objective (ridge regression) it differs from the exact
+    leave-one-out change only by the Sherman–Morrison leverage factor: θ̂₋ᵢ − θ̂ = Δθ_i / (1 − h_i).
+    Cost: n_train per-sample gradients and one solve with n_train right-hand sides (use for small n·d).
+    With ``return_solve=True`` also returns the :class:`~helpers.solvers.SolveResult` (its residuals).
+    """
+    P, op, w, _ = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
+    g_train = per_sample_grads(model, P, train[0], train[1], loss)  # [n_train, d]
+    result = solve(op, g_train.T.contiguous(), method=method, damping=damping, **solver_options)
+    change = result.x.T * w[:, None]
+    return (change, result) if return_solve else change

@@ -1,0 +1,460 @@
+"""Solving (H + δI) X = B, one interface over many solvers (STUDY.md §4 ch. 1, DESIGN.md "solvers").
+
+:func:`solve` takes a :class:`~helpers.curvature.CurvatureOperator` (or a dense symmetric matrix), right-hand
+sides ``B`` of shape ``[d]`` or ``[d, k]`` and an explicit damping δ ≥ 0, and returns a :class:`SolveResult`
+whose ``relative_residual`` is recomputed with the operator after the solve — never a solver's internal
+estimate — so the error of every method is measurable the same way.
+
+Methods (``method=``):
+
+* ``"exact"``: dense H from d HVPs, Cholesky; a matrix that is not positive definite raises
+  :class:`IndefiniteHessianError` / :class:`SingularHessianError` naming the smallest eigenvalue, unless
+  ``fallback="eig"``, which solves through the eigendecomposition instead and reports negative curvature.
+* ``"pinv"``: the pseudo-inverse of H + δI through its eigendecomposition, eigenvalues below a relative cutoff
+  treated as zero — the minimum-norm solution for right-hand sides in the range (STUDY.md §3 item 5: the exactly
+  singular last-layer Hessian).
+* ``"cg"``: conjugate gradients on all k columns at once (one batched product per iteration).
+* ``"lissa"``: the truncated stochastic Neumann series of Agarwal et al. (2017) / Koh & Liang (2017).
+* ``"arnoldi"``: low rank, after Schioppa et al. (2022): the top-``rank`` eigenpairs by Lanczos, then
+  X = V diag(1/(λ + δ)) Vᵀ B.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from helpers.curvature import CurvatureOperator, extreme_eigenvalues
+
+Method = Literal["exact", "pinv", "cg", "lissa", "arnoldi"]
+
+__all__ = [
+    "IndefiniteHessianError",
+    "NotPositiveDefiniteError",
+    "SingularHessianError",
+    "SolveResult",
+    "relative_residual",
+    "solve",
+]
+
+
+class NotPositiveDefiniteError(ValueError):
+    """H + δI is not (numerically) positive definite, so Cholesky cannot solve with it.
+
+    Attributes: ``smallest_eigenvalue`` and ``largest_eigenvalue`` of H (without damping), ``damping`` δ.
+    """
+
+    def __init__(self, message: str, smallest_eigenvalue: float, largest_eigenvalue: float, damping: float) -> None:
+        super().__init__(message)
+        self.smallest_eigenvalue = smallest_eigenvalue
+        self.largest_eigenvalue = largest_eigenvalue
+        self.damping = damping
+
+
+class IndefiniteHessianError(NotPositiveDefiniteError):
+    """H + δI has a clearly negative eigenvalue (the point is not a minimum, or damping is too small)."""
+
+
+class SingularHessianError(NotPositiveDefiniteError):
+    """H + δI has an eigenvalue that is zero relative to the largest one (a flat direction)."""
+
+
+@dataclass
+class SolveResult:
+    """The answer of :func:`solve`.
+
+    Attributes:
+        x: the solution, shaped like ``B`` (``[d]`` or ``[d, k]``).
+        relative_residual: ‖(H + δI)x_j − b_j‖ / ‖b_j‖ per column (``[]`` for a vector B, ``[k]`` otherwise),
+            recomputed with the operator after solving (k extra products); for b_j = 0 it is ‖(H + δI)x_j‖.
+        method: the method used (``"exact+eig"`` when the exact solver fell back to the eigendecomposition).
+        iterations: solver iterations (CG steps, LiSSA depth, operator products of Lanczos; 0 for direct).
+        damping: δ.
+        info: method-specific diagnostics (``hvps``: operator products spent, residual check excluded;
+            ``n_negative``: eigenvalues of H + δI below zero, where the method knows them; ...).
+    """
+
+    x: Tensor
+    relative_residual: Tensor
+    method: str
+    iterations: int
+    damping: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_relative_residual(self) -> float:
+        """The worst column's relative residual, as a float."""
+        return float(self.relative_residual.max())
+
+
+def relative_residual(op: CurvatureOperator, X: Tensor, B: Tensor, damping: float = 0.0) -> Tensor:
+    """‖(H + δI)X_j − B_j‖ / ‖B_j‖ per column (``[k]``; ``[]`` for vectors). Columns with B_j = 0 divide by 1.
+
+    Cost: k operator products.
+    """
+    vector = B.dim() == 1
+    X2, B2 = (X[:, None], B[:, None]) if vector else (X, B)
+    R = op.matmat(X2) + damping * X2 - B2
+    bnorm = torch.linalg.vector_norm(B2, dim=0)
+    rel = torch.linalg.vector_norm(R, dim=0) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    return rel[0] if vector else rel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# direct methods
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _default_rcond(op: CurvatureOperator) -> float:
+    # a few hundred roundings of a d-term dot product: above the noise of exactly-zero eigenvalues, far below
+    # any eigenvalue that carries information in float64
+    return 100.0 * op.dim * torch.finfo(op.dtype).eps
+
+
+def _symmetric_dense(op: CurvatureOperator) -> Tensor:
+    A = op.dense()
+    return 0.5 * (A + A.T)  # autodiff gives H only to rounding; Cholesky and eigh read one triangle
+
+
+def _eig_solve(H: Tensor, B: Tensor, damping: float, rcond: float) -> tuple[Tensor, dict[str, Any]]:
+    """Pseudo-inverse of H + δI applied to B via eigh; |λ + δ| ≤ rcond·max|λ + δ| counts as zero."""
+    vals, V = torch.linalg.eigh(H)
+    shifted = vals + damping
+    cutoff = rcond * float(shifted.abs().max())
+    keep = shifted.abs() > cutoff
+    Vk = V[:, keep]
+    X = Vk @ ((Vk.T @ B) / shifted[keep, None])
+    info = {
+        "eigenvalues": vals,
+        "n_negative": int((shifted < -cutoff).sum()),
+        "n_zero": int((~keep).sum()),
+        "cutoff": cutoff,
+    }
+    return X, info
+
+
+def _raise_not_pd(vals: Tensor, damping: float, rcond: float) -> None:
+    lo, hi = float(vals[0]), float(vals[-1])
+    lo_shifted = lo + damping
+    scale = max(abs(hi + damping), abs(lo_shifted))
+    if lo_shifted < -rcond * scale:
+        raise IndefiniteHessianError(
+            f"H + damping·I is indefinite: smallest eigenvalue of H {lo:.3e} (largest {hi:.3e}, damping "
+            f"{damping:.3e}): add damping >= {abs(lo):.3e} (strictly more), use method='pinv' or "
+            "fallback='eig', or train closer to a minimum",
+            lo,
+            hi,
+            damping,
+        )
+    raise SingularHessianError(
+        f"H + damping·I is singular: smallest eigenvalue of H {lo:.3e} is zero relative to the largest {hi:.3e} "
+        f"(damping {damping:.3e}): add damping > 0 (e.g. {max(abs(hi), 1.0) * 1e-6:.1e}), include the L2 term, "
+        "or use method='pinv' (minimum-norm solution on the range)",
+        lo,
+        hi,
+        damping,
+    )
+
+
+def _exact(
+    op: CurvatureOperator,
+    B: Tensor,
+    damping: float,
+    *,
+    fallback: Literal["eig"] | None = None,
+    rcond: float | None = None,
+) -> tuple[Tensor, int, dict[str, Any], str]:
+    """Cholesky of the dense H + δI (d HVPs + O(d³)); not positive definite → clear error or eig fallback."""
+    if fallback not in (None, "eig"):
+        raise ValueError(f"unknown fallback {fallback!r}: use None (raise) or 'eig'")
+    rcond = _default_rcond(op) if rcond is None else float(rcond)
+    H = _symmetric_dense(op)
+    A = H + damping * torch.eye(op.dim, dtype=H.dtype, device=H.device)
+    L, status = torch.linalg.cholesky_ex(A)
+    ok = int(status) == 0
+    if ok:
+        # λ_min(A) ≤ every Cholesky pivot L_jj², so a tiny pivot flags near-singularity for free;
+        # max diag(A) ≤ λ_max(A) gives the scale.
+        pivots = torch.diagonal(L) ** 2
+        ok = bool(pivots.min() > rcond * torch.diagonal(A).abs().max())
+    if ok:
+        return torch.cholesky_solve(B, L), 0, {"factorization": "cholesky"}, "exact"
+    vals = torch.linalg.eigvalsh(H)
+    lo_shifted = float(vals[0]) + damping
+    if lo_shifted > rcond * float((vals + damping).abs().max()):
+        # positive definite after all (Cholesky's pivots were merely small): eigh is accurate here
+        X, info = _eig_solve(H, B, damping, rcond)
+        return X, 0, {"factorization": "eigh", **info}, "exact+eig"
+    if fallback != "eig":
+        _raise_not_pd(vals, damping, rcond)
+    X, info = _eig_solve(H, B, damping, rcond)
+    return X, 0, {"factorization": "eigh", **info}, "exact+eig"
+
+
+def _pinv(
+    op: CurvatureOperator, B: Tensor, damping: float, *, rcond: float | None = None
+) -> tuple[Tensor, int, dict[str, Any], str]:
+    """Pseudo-inverse on the range of H + δI (d HVPs + one eigh, O(d³))."""
+    rcond = _default_rcond(op) if rcond is None else float(rcond)
+    X, info = _eig_solve(_symmetric_dense(op), B, damping, rcond)
+    return X, 0, {"factorization": "eigh", **info}, "pinv"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# iterative methods
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cg(
+    op: CurvatureOperator,
+    B: Tensor,
+    damping: float,
+    *,
+    rtol: float = 1e-10,
+    maxiter: int | None = None,
+    x0: Tensor | None = None,
+) -> tuple[Tensor, int, dict[str, Any], str]:
+    """Conjugate gradients on every column at once; a column stops when its recursive residual ≤ rtol·‖b‖.
+
+    Cost: one batched product per iteration over the columns still running; at most ``maxiter`` (default 10·d)
+    iterations. pᵀ(H + δI)p ≤ 0 (negative curvature) is recorded per column; the iteration continues unless
+    it is exactly zero (breakdown), and the final residual tells whether the answer is any good.
+    """
+    d, k = B.shape
+    maxiter = 10 * d if maxiter is None else int(maxiter)
+    if x0 is None:
+        X = torch.zeros_like(B)
+        R = B.clone()
+    else:
+        X = x0.reshape(d, k).to(B).clone()
+        R = B - (op.matmat(X) + damping * X)
+    P = R.clone()
+    rs = (R * R).sum(dim=0)
+    target = (rtol * torch.linalg.vector_norm(B, dim=0)) ** 2
+    active = rs > target
+    negative = torch.zeros(k, dtype=torch.bool, device=B.device)
+    breakdown = torch.zeros(k, dtype=torch.bool, device=B.device)
+    iters = torch.zeros(k, dtype=torch.long, device=B.device)
+    step = 0
+    while bool(active.any()) and step < maxiter:
+        idx = torch.nonzero(active).reshape(-1)
+        Pa = P[:, idx]
+        APa = op.matmat(Pa) + damping * Pa
+        pAp = (Pa * APa).sum(dim=0)
+        negative[idx] |= pAp <= 0
+        broke = pAp == 0
+        alpha = torch.where(broke, torch.zeros_like(pAp), rs[idx] / torch.where(broke, torch.ones_like(pAp), pAp))
+        X[:, idx] += alpha * Pa
+        R[:, idx] -= alpha * APa
+        rs_new = (R[:, idx] ** 2).sum(dim=0)
+        P[:, idx] = R[:, idx] + (rs_new / rs[idx]) * Pa
+        rs[idx] = rs_new
+        iters[idx] += 1
+        breakdown[idx] |= broke
+        active[idx] = (rs_new > target[idx]) & ~broke
+        step += 1
+    converged = ~active & ~breakdown
+    info = {
+        "converged": converged,
+        "iterations_per_column": iters,
+        "negative_curvature_columns": torch.nonzero(negative).reshape(-1).tolist(),
+        "breakdown_columns": torch.nonzero(breakdown).reshape(-1).tolist(),
+        "rtol": rtol,
+        "maxiter": maxiter,
+    }
+    return X, step, info, "cg"
+
+
+def _lissa(
+    op: CurvatureOperator,
+    B: Tensor,
+    damping: float,
+    *,
+    depth: int = 1000,
+    scale: float | None = None,
+    repeats: int = 1,
+    hvp: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, int, dict[str, Any], str]:
+    """LiSSA: a truncated Neumann series for (H + δI)⁻¹, deterministic or stochastic.
+
+    With A = H + δI, scale s and H̃_j a product with H (``hvp=None``: the full-batch operator, deterministic) or
+    with a fresh minibatch Hessian (``hvp(V, generator)``, e.g. :func:`helpers.curvature.minibatch_hvp`):
+
+        h_0 = b,    h_j = b + h_{j−1} − (H̃_j h_{j−1} + δ h_{j−1}) / s   (j = 1 … depth),    x = h_depth / s,
+
+    averaged over ``repeats`` independent runs (stochastic only; a deterministic run is done once). Full batch,
+    x = (1/s) Σ_{j=0}^{depth} (I − A/s)^j b, whose error is (I − A/s)^{depth+1} A⁻¹ b: it converges iff A is
+    positive definite and s > λ_max(A)/2, at rate 1 − λ_min(A)/s per step. This is Koh & Liang's recursion
+    ``h = b + (1 − δ_KL) h − H h / s`` with their damping δ_KL = δ / s, so δ here is on the same scale as in
+    every other method. ``scale=None`` takes s = λ_max(A) from Lanczos (safe for full batch; give s explicitly,
+    with margin, for minibatches, whose Hessians have larger extremes). Cost: depth × repeats products.
+    """
+    if depth < 1 or repeats < 1:
+        raise ValueError(f"depth and repeats must be >= 1, got depth={depth}, repeats={repeats}")
+    info: dict[str, Any] = {}
+    if scale is None:
+        top = extreme_eigenvalues(op, 1, "LA", method="dense" if op.dim <= 2 else "lanczos", seed=seed)
+        scale = float(top[0]) + damping
+        info["scale_from"] = "lanczos λ_max(H + δI)"
+    scale = float(scale)
+    if not scale > 0:
+        raise ValueError(f"LiSSA scale must be > 0 (and > λ_max(H + δI)/2 to converge), got {scale}")
+    generator = torch.Generator(device=B.device).manual_seed(seed)
+    runs = repeats if hvp is not None else 1
+    total = torch.zeros_like(B)
+    last_change = torch.zeros(B.shape[1], dtype=B.dtype, device=B.device)
+    for _ in range(runs):
+        h = B.clone()
+        for j in range(1, depth + 1):
+            diverged = FloatingPointError(
+                f"LiSSA diverged at step {j} of {depth} (scale {scale:.3e}, damping {damping:.3e}): raise scale "
+                "above λ_max(H + δI)/2 and make H + δI positive definite (more damping)"
+            )
+            try:
+                Hh = op.matmat(h) if hvp is None else hvp(h, generator)
+            except FloatingPointError as err:  # the iterate grew until the product overflowed
+                raise diverged from err
+            h_new = B + h - (Hh + damping * h) / scale
+            if not torch.isfinite(h_new).all():
+                raise diverged
+            if j == depth:
+                last_change = torch.linalg.vector_norm(h_new - h, dim=0) / torch.linalg.vector_norm(h_new, dim=0)
+            h = h_new
+        total += h / scale
+    info.update(
+        scale=scale,
+        depth=depth,
+        repeats=runs,
+        stochastic=hvp is not None,
+        minibatch_products=(depth * runs * B.shape[1]) if hvp is not None else 0,
+        last_relative_change=last_change,
+    )
+    return total / runs, depth, info, "lissa"
+
+
+def _arnoldi(
+    op: CurvatureOperator,
+    B: Tensor,
+    damping: float,
+    *,
+    rank: int | None = None,
+    which: Literal["LM", "LA"] = "LM",
+    tol: float = 0.0,
+    maxiter: int | None = None,
+    seed: int = 0,
+    rcond: float | None = None,
+) -> tuple[Tensor, int, dict[str, Any], str]:
+    """Low-rank inverse on the top-``rank`` eigenpairs (largest magnitude by default, Schioppa et al. 2022).
+
+    X = V diag(1/(λ + δ)) Vᵀ B with (λ, V) from Lanczos (``eigsh``; dense ``eigh`` when rank = d); directions
+    outside span(V) are dropped, so the residual measures exactly what the truncation loses. Pairs with
+    |λ + δ| ≤ rcond·max|λ + δ| are dropped too. Cost: the Lanczos products (``iterations``) + O(d·rank·k).
+    """
+    if rank is None:
+        raise TypeError("method='arnoldi' needs rank=<number of eigenpairs>, e.g. rank=20")
+    rank = int(rank)
+    if not 1 <= rank <= op.dim:
+        raise ValueError(f"rank must lie in [1, d={op.dim}], got {rank}")
+    start = op.applications
+    vals, V = extreme_eigenvalues(op, rank, which, tol=tol, maxiter=maxiter, seed=seed, return_eigenvectors=True)
+    steps = op.applications - start
+    shifted = vals + damping
+    rcond = _default_rcond(op) if rcond is None else float(rcond)
+    keep = shifted.abs() > rcond * float(shifted.abs().max())
+    Vk = V[:, keep]
+    X = Vk @ ((Vk.T @ B) / shifted[keep, None])
+    info = {
+        "eigenvalues": vals,
+        "rank": rank,
+        "which": which,
+        "n_negative": int((shifted[keep] < 0).sum()),
+        "n_zero": int((~keep).sum()),
+    }
+    return X, steps, info, "arnoldi"
+
+
+_SOLVERS: dict[str, Callable[..., tuple[Tensor, int, dict[str, Any], str]]] = {
+    "exact": _exact,
+    "pinv": _pinv,
+    "cg": _cg,
+    "lissa": _lissa,
+    "arnoldi": _arnoldi,
+}
+
+
+def _options_of(fn: Callable[..., Any]) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def solve(
+    op: CurvatureOperator | Tensor,
+    B: Tensor,
+    *,
+    method: Method = "exact",
+    damping: float = 0.0,
+    **options: Any,
+) -> SolveResult:
+    """Solve (H + δI) X = B for one or many right-hand sides.
+
+    Args:
+        op: a :class:`~helpers.curvature.CurvatureOperator` (e.g. from
+            :func:`~helpers.curvature.hessian_operator`) or a dense symmetric ``[d, d]`` tensor.
+        B: ``[d]`` or ``[d, k]``, same dtype/device as ``op``, finite.
+        method: ``"exact"``, ``"pinv"``, ``"cg"``, ``"lissa"`` or ``"arnoldi"`` (module docstring).
+        damping: δ ≥ 0, added as δI for every method (never folded into the L2 coefficient).
+        **options: per method —
+            exact: ``fallback=None|"eig"``, ``rcond`` (relative eigenvalue cutoff; default 100·d·eps);
+            pinv: ``rcond``;
+            cg: ``rtol=1e-10`` (on ‖r‖/‖b‖ per column), ``maxiter=10·d``, ``x0``;
+            lissa: ``depth=1000``, ``scale=None`` (λ_max(H + δI)), ``repeats=1``, ``hvp=None`` (stochastic
+            product ``hvp(V, generator)``), ``seed=0``;
+            arnoldi: ``rank`` (required), ``which="LM"|"LA"``, ``tol``, ``maxiter``, ``seed``, ``rcond``.
+
+    Returns:
+        :class:`SolveResult` with ``x`` shaped like ``B`` and the true relative residual per column.
+
+    Raises:
+        IndefiniteHessianError / SingularHessianError: ``method="exact"`` on a matrix that is not positive
+            definite (the message names the smallest eigenvalue and the damping that would fix it).
+        ValueError / TypeError: bad shapes, dtypes, damping or options; FloatingPointError: a non-finite answer.
+    """
+    if isinstance(op, Tensor):
+        op = CurvatureOperator.from_matrix(op)
+    if method not in _SOLVERS:
+        raise ValueError(f"unknown method {method!r}: use one of {list(_SOLVERS)}")
+    fn = _SOLVERS[method]
+    allowed = _options_of(fn)
+    bad = [k for k in options if k not in allowed]
+    if bad:
+        raise TypeError(f"method={method!r} takes no option(s) {bad}; its options are {allowed}")
+    damping = float(damping)
+    if not damping >= 0.0 or damping == float("inf"):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    if not isinstance(B, Tensor) or B.dim() not in (1, 2) or B.shape[0] != op.dim:
+        got = tuple(B.shape) if isinstance(B, Tensor) else type(B).__name__
+        raise ValueError(f"B must have shape [{op.dim}] or [{op.dim}, k], got {got}")
+    if B.dtype != op.dtype or B.device != op.device:
+        raise TypeError(f"B is {B.dtype} on {B.device} but the operator is {op.dtype} on {op.device}: cast B")
+    if not torch.isfinite(B).all():
+        raise ValueError("B holds non-finite values: check the gradients that built it")
+    vector = B.dim() == 1
+    B2 = B[:, None] if vector else B
+    start = op.applications
+    X, iterations, info, used = fn(op, B2, damping, **options)
+    info["hvps"] = op.applications - start
+    if not torch.isfinite(X).all():
+        raise FloatingPointError(f"method={method!r} returned non-finite values: {info}")
+    rel = relative_residual(op, X, B2, damping)
+    return SolveResult(
+        x=X[:, 0] if vector else X,
+        relative_residual=rel[0] if vector else rel,
+        method=used,
+        iterations=int(iterations),
+        damping=damping,
+        info=info,
+    )

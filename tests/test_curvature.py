@@ -1,0 +1,226 @@
+"""helpers.curvature against dense answers, float64, tiny problems."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers.curvature import (
+    CurvatureOperator,
+    extreme_eigenvalues,
+    hessian_operator,
+    spectrum_summary,
+)
+from helpers.objective import model_params, objective, param_names
+
+DT = torch.float64
+
+
+class TinyMLP(nn.Module):
+    """4 → 5 (tanh) → 3, the final nn.Linear exposed as ``last_layer``."""
+
+    def __init__(self, d_in: int = 4, width: int = 5, c: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d_in, width)
+        self.last_layer = nn.Linear(width, c, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(torch.tanh(self.hidden(x)))
+
+
+def make_problem(seed: int = 0, n: int = 24, loss: str = "cross_entropy"):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TinyMLP().to(DT)
+    x = torch.randn(n, 4, generator=g, dtype=DT)
+    if loss == "cross_entropy":
+        y = torch.randint(3, (n,), generator=g)
+    else:
+        y = torch.randn(n, 3, generator=g, dtype=DT)
+    return model, x, y
+
+
+def flat_objective(model, names, x, y, **kw):
+    """R as a function of one flat vector, written independently of CurvatureOperator.unflatten."""
+    P = model_params(model, names)
+    shapes = [p.shape for p in P.values()]
+    sizes = [p.numel() for p in P.values()]
+
+    def f(flat):
+        parts = torch.split(flat, sizes)
+        return objective(model, {k: t.reshape(s) for k, t, s in zip(P, parts, shapes)}, x, y, **kw)
+
+    return f, torch.cat([p.reshape(-1) for p in P.values()])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    "which, weighted, linearize",
+    [("all", False, None), ("all", True, True), ("last", True, None), ("last", False, True)],
+)
+def test_hvp_matches_dense_hessian(which, weighted, linearize):
+    model, x, y = make_problem()
+    names = param_names(model, which)
+    P = model_params(model, names)
+    weights = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT) if weighted else None
+    kw = dict(weights=weights, l2=0.03, loss="cross_entropy")
+    op = hessian_operator(model, P, x, y, linearize=linearize, **kw)
+    f, theta = flat_objective(model, names, x, y, **kw)
+    H_fwd_rev = torch.func.hessian(f)(theta)
+    H_rev_rev = torch.autograd.functional.hessian(f, theta)  # an independent (reverse-over-reverse) path
+    assert op.dim == theta.numel() == H_fwd_rev.shape[0]
+    assert torch.allclose(op.flatten(P), theta, rtol=0, atol=0)
+    assert rel(H_rev_rev, H_fwd_rev) < 1e-12
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(2), dtype=DT)
+    V = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
+    assert rel(op.matvec(v), H_rev_rev @ v) < 1e-10
+    assert rel(op.matmat(V), H_rev_rev @ V) < 1e-10
+    assert rel(op.dense(), H_rev_rev) < 1e-10
+    for _ in range(25):  # past LINEARIZE_AFTER: the default operator switches to its traced product
+        op.matvec(v)
+    assert rel(op.matvec(v), H_rev_rev @ v) < 1e-10 and rel(op.matmat(V), H_rev_rev @ V) < 1e-10
+    # the L2 term is really in there: λI is the difference to the λ = 0 operator
+    op0 = hessian_operator(model, P, x, y, weights=weights, l2=0.0)
+    assert rel(op.matvec(v) - op0.matvec(v), 0.03 * v) < 1e-10
+
+
+def test_flatten_unflatten_roundtrip_in_dict_order():
+    model, x, y = make_problem()
+    P = model_params(model, param_names(model, "all"))
+    op = hessian_operator(model, P, x, y)
+    vec = torch.arange(op.dim, dtype=DT)
+    back = op.unflatten(vec)
+    assert list(back) == list(P) and [t.shape for t in back.values()] == [p.shape for p in P.values()]
+    assert torch.equal(back["hidden.weight"].reshape(-1), vec[:20])
+    assert torch.equal(op.flatten(back), vec)
+    with pytest.raises(ValueError, match="shape"):
+        op.unflatten(vec[:-1])
+
+
+def dense_gauss_newton(model, names, x, y, loss, l2, weights=None):
+    """Σ_i w_i J_iᵀ H_out,i J_i + λI built from the full Jacobian."""
+    P = model_params(model, names)
+    shapes = [p.shape for p in P.values()]
+    sizes = [p.numel() for p in P.values()]
+    theta = torch.cat([p.reshape(-1) for p in P.values()])
+
+    def outputs(flat):
+        parts = torch.split(flat, sizes)
+        return torch.func.functional_call(model, {k: t.reshape(s) for k, t, s in zip(P, parts, shapes)}, (x,))
+
+    J = torch.func.jacrev(outputs)(theta).detach()  # [n, c, d]
+    out = outputs(theta).detach()
+    n, c = out.shape
+    if loss == "cross_entropy":
+        p = torch.softmax(out, dim=1)
+        H_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    else:
+        H_out = torch.eye(c, dtype=DT).expand(n, c, c)
+    w = torch.full((n,), 1.0 / n, dtype=DT) if weights is None else weights
+    G = torch.einsum("i,icd,ice,ief->df", w, J, H_out, J)
+    return G + l2 * torch.eye(theta.numel(), dtype=DT)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("which", ["all", "last"])
+def test_gauss_newton_matches_dense_jt_h_j(loss, which):
+    model, x, y = make_problem(seed=4, loss=loss)
+    names = param_names(model, which)
+    weights = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(5), dtype=DT)
+    G_ref = dense_gauss_newton(model, names, x, y, loss, l2=0.02, weights=weights)
+    for linearize in (False, True):
+        op = hessian_operator(
+            model, model_params(model, names), x, y, weights=weights, l2=0.02, loss=loss, kind="gauss_newton",
+            linearize=linearize,
+        )
+        v = torch.randn(op.dim, generator=torch.Generator().manual_seed(6), dtype=DT)
+        assert rel(op.matvec(v), G_ref @ v) < 1e-10
+        assert rel(op.dense(), G_ref) < 1e-10
+    assert float(torch.linalg.eigvalsh(0.5 * (G_ref + G_ref.T))[0]) >= 0.02 - 1e-10  # G + λI ⪰ λI
+
+
+def test_gauss_newton_equals_hessian_for_linear_least_squares():
+    torch.manual_seed(7)
+    model = nn.Linear(4, 2).to(DT)
+    x = torch.randn(15, 4, dtype=DT)
+    y = torch.randn(15, 2, dtype=DT)
+    P = model_params(model)
+    H = hessian_operator(model, P, x, y, loss="mse", l2=0.1).dense()
+    G = hessian_operator(model, P, x, y, loss="mse", l2=0.1, kind="gauss_newton").dense()
+    assert rel(G, H) < 1e-12
+
+
+def test_lanczos_extremes_match_dense_eigvalsh():
+    model, x, y = make_problem(seed=8)
+    op = hessian_operator(model, model_params(model), x, y, l2=0.01)
+    H = op.dense()
+    evals = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    scale = float(evals.abs().max())
+    top = extreme_eigenvalues(op, 1, "LA")
+    bottom = extreme_eigenvalues(op, 1, "SA")
+    assert abs(float(top[0]) - float(evals[-1])) < 1e-10 * scale
+    assert abs(float(bottom[0]) - float(evals[0])) < 1e-10 * scale
+    vals3, vecs3 = extreme_eigenvalues(op, 3, "LA", return_eigenvectors=True)
+    assert torch.allclose(vals3, evals[-3:], atol=1e-10 * scale, rtol=0)
+    assert torch.allclose(H @ vecs3, vecs3 * vals3, atol=1e-8 * scale, rtol=0)
+    dense_vals = extreme_eigenvalues(op, 2, "SA", method="dense")
+    assert torch.allclose(dense_vals, evals[:2], atol=1e-12 * scale, rtol=0)
+    for method in ("lanczos", "dense"):
+        s = spectrum_summary(op, method=method)
+        assert abs(s.top - float(evals[-1])) < 1e-10 * scale and abs(s.bottom - float(evals[0])) < 1e-10 * scale
+    assert spectrum_summary(op, method="dense").n_negative == int((evals < -1e-10 * scale).sum())
+
+
+def test_to_scipy_is_the_same_operator_in_float64_numpy():
+    model, x, y = make_problem(seed=9)
+    op = hessian_operator(model, model_params(model, param_names(model, "last")), x, y, l2=0.05)
+    lin = op.to_scipy()
+    v = np.random.default_rng(0).standard_normal((op.dim, 2))
+    assert lin.shape == (op.dim, op.dim) and lin.dtype == np.float64
+    ref = op.dense().numpy() @ v
+    assert np.allclose(lin.matvec(v[:, 0]), ref[:, 0], rtol=1e-12, atol=1e-14)
+    assert np.allclose(lin.matmat(v), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_from_matrix_and_application_counter():
+    A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=DT)
+    op = CurvatureOperator.from_matrix(A)
+    assert op.dim == 2 and torch.equal(op.dense(), A)
+    op.matmat(torch.eye(2, dtype=DT))
+    op.matvec(torch.ones(2, dtype=DT))
+    assert op.applications == 3
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, x, y = make_problem()
+    P = model_params(model)
+    with pytest.raises(TypeError, match="float32"):
+        hessian_operator(model, P, x.float(), y)
+    with pytest.raises(ValueError, match="same number of rows"):
+        hessian_operator(model, P, x[:-1], y)
+    with pytest.raises(TypeError, match="integer class labels"):
+        hessian_operator(model, P, x, y.to(DT))
+    with pytest.raises(ValueError, match="weights"):
+        hessian_operator(model, P, x, y, weights=torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match="kind"):
+        hessian_operator(model, P, x, y, kind="fisher")
+    bad = dict(P)
+    bad["hidden.bias"] = bad["hidden.bias"].clone()
+    bad["hidden.bias"][0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        hessian_operator(model, bad, x, y)
+    with pytest.raises(ValueError, match="non-finite"):  # finite data, overflowing loss
+        hessian_operator(model, P, x, torch.full((x.shape[0], 3), 1e200, dtype=DT), loss="mse")
+    op = hessian_operator(model, P, x, y)
+    with pytest.raises(TypeError, match="float32"):
+        op.matvec(torch.zeros(op.dim, dtype=torch.float32))
+    with pytest.raises(ValueError, match="shape"):
+        op.matvec(torch.zeros(op.dim + 1, dtype=DT))
+    with pytest.raises(ValueError, match="which"):
+        extreme_eigenvalues(op, 1, "BE")

@@ -1,0 +1,270 @@
+"""helpers.solvers against a direct solve, float64, tiny problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helpers.curvature import CurvatureOperator, hessian_operator, minibatch_hvp
+from helpers.influence import per_sample_grads
+from helpers.objective import model_params, param_names
+from helpers.solvers import (
+    IndefiniteHessianError,
+    NotPositiveDefiniteError,
+    SingularHessianError,
+    solve,
+)
+
+DT = torch.float64
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 4, width: int = 5, c: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d_in, width)
+        self.last_layer = nn.Linear(width, c, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(torch.tanh(self.hidden(x)))
+
+
+def logistic_problem(seed: int = 0, n: int = 40, l2: float = 0.05):
+    """Multinomial logistic regression (4 features, 3 classes, bias): H ≻ 0 thanks to the L2 term. d = 15."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3).to(DT)
+    x = torch.randn(n, 4, generator=g, dtype=DT)
+    y = torch.randint(3, (n,), generator=g)
+    P = model_params(model)
+    return model, P, x, y, hessian_operator(model, P, x, y, l2=l2)
+
+
+def dense(op) -> torch.Tensor:
+    H = op.dense()
+    return 0.5 * (H + H.T)
+
+
+def independent_residual(H: torch.Tensor, damping: float, X: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    A = H + damping * torch.eye(H.shape[0], dtype=DT)
+    return torch.linalg.norm(A @ X - B, dim=0) / torch.linalg.norm(B, dim=0)
+
+
+def rhs(d: int, k: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def rel_err(X: torch.Tensor, X_ref: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.norm(X - X_ref, dim=0) / torch.linalg.norm(X_ref, dim=0)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_every_solver_reaches_the_direct_answer(damping):
+    _, _, _, _, op = logistic_problem()
+    H = dense(op)
+    A = H + damping * torch.eye(op.dim, dtype=DT)
+    evals = torch.linalg.eigvalsh(A)
+    cond = float(evals[-1] / evals[0])
+    B = rhs(op.dim)
+    X_ref = torch.linalg.solve(A, B)
+
+    cases = {
+        # method: (options, stated tolerance on the relative error of the solution)
+        "exact": ({}, 1e-12 * cond),
+        "pinv": ({}, 1e-12 * cond),
+        "cg": ({"rtol": 1e-10}, 1e-10 * cond),  # CG's rtol bounds the residual; error ≤ κ · residual
+        "lissa": ({"depth": 600}, None),  # bound computed below from the contraction factor
+        "arnoldi": ({"rank": op.dim}, 1e-12 * cond),  # full rank: exact
+    }
+    for method, (options, tol) in cases.items():
+        res = solve(op, B, method=method, damping=damping, **options)
+        assert res.x.shape == B.shape and res.relative_residual.shape == (B.shape[1],)
+        err = rel_err(res.x, X_ref)
+        if method == "lissa":
+            rho = 1.0 - float(evals[0]) / res.info["scale"]  # per-step contraction of the slowest mode
+            tol = rho ** (options["depth"] + 1) * cond + 1e-12 * cond
+        assert float(err.max()) <= tol, (method, err, tol)
+        # the residual the solver reports is the true one
+        indep = independent_residual(H, damping, res.x, B)
+        assert torch.allclose(res.relative_residual, indep, rtol=1e-6, atol=1e-14), (method, indep)
+        if method == "cg":
+            assert float(res.relative_residual.max()) <= 1e-10 * 1.01
+            assert all(res.info["converged"].tolist()) and res.iterations <= 10 * op.dim
+
+
+def test_vector_rhs_keeps_its_shape():
+    _, _, _, _, op = logistic_problem()
+    b = rhs(op.dim)[:, 0]
+    for method, options in [("exact", {}), ("cg", {}), ("lissa", {"depth": 10}), ("arnoldi", {"rank": 3})]:
+        res = solve(op, b, method=method, **options)
+        assert res.x.shape == (op.dim,) and res.relative_residual.shape == ()
+
+
+def test_lissa_is_exactly_the_truncated_neumann_series():
+    _, _, _, _, op = logistic_problem(seed=2)
+    H = dense(op)
+    B = rhs(op.dim, 2)
+    damping, scale, depth = 0.02, 3.0, 37
+    A = H + damping * torch.eye(op.dim, dtype=DT)
+    M = torch.eye(op.dim, dtype=DT) - A / scale
+    series = sum(torch.linalg.matrix_power(M, j) for j in range(depth + 1)) @ B / scale
+    res = solve(op, B, method="lissa", damping=damping, scale=scale, depth=depth)
+    assert float(rel_err(res.x, series).max()) < 1e-12
+    assert res.iterations == depth and res.info["hvps"] == depth * 2
+
+
+def test_lissa_stochastic_is_seeded_and_truthful():
+    model, P, x, y, op = logistic_problem(seed=3)
+    hvp = minibatch_hvp(model, P, x, y, batch_size=10, l2=0.05)
+    B = rhs(op.dim, 2)
+    kw = dict(method="lissa", damping=0.5, scale=5.0, depth=50, repeats=2, hvp=hvp)
+    a = solve(op, B, seed=11, **kw)
+    b = solve(op, B, seed=11, **kw)
+    c = solve(op, B, seed=12, **kw)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+    assert a.info["stochastic"] and a.info["minibatch_products"] == 50 * 2 * 2
+    indep = independent_residual(dense(op), 0.5, a.x, B)
+    assert torch.allclose(a.relative_residual, indep, rtol=1e-6)
+    assert float(a.relative_residual.max()) < 0.5  # a noisy but useful answer
+
+
+def test_lissa_with_too_small_scale_raises():
+    _, _, _, _, op = logistic_problem()
+    top = float(torch.linalg.eigvalsh(dense(op))[-1])
+    with pytest.raises(FloatingPointError, match="scale"):
+        solve(op, rhs(op.dim), method="lissa", scale=top / 10, depth=2000)
+
+
+def test_arnoldi_low_rank_is_the_truncated_eigen_solve():
+    _, _, _, _, op = logistic_problem(seed=4)
+    H = dense(op)
+    B = rhs(op.dim)
+    rank, damping = 6, 0.05
+    vals, V = torch.linalg.eigh(H)
+    Vr, lr = V[:, -rank:], vals[-rank:]  # H ≻ 0: largest magnitude = largest
+    X_ref = Vr @ ((Vr.T @ B) / (lr + damping)[:, None])
+    res = solve(op, B, method="arnoldi", rank=rank, damping=damping)
+    assert float(rel_err(res.x, X_ref).max()) < 1e-8
+    assert torch.allclose(res.info["eigenvalues"], lr, rtol=1e-10)
+    indep = independent_residual(H, damping, res.x, B)
+    assert torch.allclose(res.relative_residual, indep, rtol=1e-6)
+    assert float(res.relative_residual.min()) > 1e-3  # truncation shows up in the residual
+    assert res.iterations == res.info["hvps"] > 0
+
+
+def test_cg_with_too_few_iterations_reports_its_true_residual():
+    _, _, _, _, op = logistic_problem(seed=5)
+    B = rhs(op.dim)
+    res = solve(op, B, method="cg", maxiter=2)
+    assert res.iterations == 2 and not any(res.info["converged"].tolist())
+    indep = independent_residual(dense(op), 0.0, res.x, B)
+    assert torch.allclose(res.relative_residual, indep, rtol=1e-10)
+    assert float(res.relative_residual.min()) > 1e-4
+
+
+def indefinite_mlp():
+    torch.manual_seed(0)
+    model = TinyMLP().to(DT)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 4, generator=g, dtype=DT)
+    y = torch.randint(3, (24,), generator=g)
+    return hessian_operator(model, model_params(model), x, y, l2=0.01)
+
+
+def test_exact_raises_clear_error_on_indefinite_hessian():
+    op = indefinite_mlp()
+    evals = torch.linalg.eigvalsh(dense(op))
+    lam_min = float(evals[0])
+    assert lam_min < -1e-3  # the test's premise: a random MLP is far from a minimum
+    with pytest.raises(IndefiniteHessianError) as info:
+        solve(op, rhs(op.dim), method="exact")
+    err = info.value
+    assert abs(err.smallest_eigenvalue - lam_min) < 1e-10
+    msg = str(err)
+    assert f"{lam_min:.3e}" in msg and f"damping >= {abs(lam_min):.3e}" in msg and "pinv" in msg
+    # enough damping makes it positive definite, and the exact solver then works
+    res = solve(op, rhs(op.dim), method="exact", damping=abs(lam_min) + 0.1)
+    assert res.method == "exact" and float(res.relative_residual.max()) < 1e-12
+
+
+def test_exact_error_message_on_a_known_matrix():
+    A = torch.diag(torch.tensor([-3.1e-4, 1.0, 2.0], dtype=DT))
+    with pytest.raises(IndefiniteHessianError, match=r"smallest eigenvalue of H -3\.100e-04.*damping >= 3\.100e-04"):
+        solve(A, torch.ones(3, dtype=DT))
+    with pytest.raises(NotPositiveDefiniteError):  # the common base class catches both kinds
+        solve(torch.diag(torch.tensor([0.0, 1.0], dtype=DT)), torch.ones(2, dtype=DT))
+
+
+def test_exact_eig_fallback_solves_indefinite_systems_and_counts_negative_curvature():
+    op = indefinite_mlp()
+    H = dense(op)
+    B = rhs(op.dim)
+    evals = torch.linalg.eigvalsh(H)
+    res = solve(op, B, method="exact", fallback="eig")
+    assert res.method == "exact+eig"
+    assert res.info["n_negative"] == int((evals < 0).sum()) > 0
+    assert float(rel_err(res.x, torch.linalg.solve(H, B)).max()) < 1e-10
+    assert float(res.relative_residual.max()) < 1e-10
+
+
+def singular_last_layer():
+    """Softmax last layer without bias and without L2: the Hessian has a width-dimensional null space."""
+    torch.manual_seed(1)
+    width, c = 5, 3
+    model = TinyMLP(width=width, c=c, bias=False).to(DT)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=g, dtype=DT)
+    y = torch.randint(c, (30,), generator=g)
+    P = model_params(model, param_names(model, "last"))
+    op = hessian_operator(model, P, x, y, l2=0.0)
+    # null space: add the same vector u to every class's weight row — the softmax does not change
+    null = torch.stack([torch.ones(c, 1, dtype=DT) * torch.eye(width, dtype=DT)[j] for j in range(width)])
+    null = null.reshape(width, -1).T  # [d, width], flat order of last_layer.weight ([c, width] row-major)
+    return model, P, x, y, op, null
+
+
+def test_pinv_gives_min_norm_solution_on_exactly_singular_last_layer():
+    model, P, x, y, op, null = singular_last_layer()
+    H = dense(op)
+    assert float(torch.linalg.norm(H @ null)) < 1e-12 * float(torch.linalg.norm(H))  # premise: truly null
+    with pytest.raises(SingularHessianError, match="pinv"):
+        solve(op, rhs(op.dim), method="exact")
+    # right-hand sides in the range: per-sample gradients (they sum to zero over classes)
+    B = per_sample_grads(model, P, x[:4], y[:4]).T.contiguous()
+    assert float(torch.linalg.norm(null.T @ B)) < 1e-12
+    res = solve(op, B, method="pinv")
+    assert res.info["n_zero"] == null.shape[1]
+    assert float(res.relative_residual.max()) < 1e-10  # it solves H x = b ...
+    Q, _ = torch.linalg.qr(null)
+    assert float(torch.linalg.norm(Q.T @ res.x) / torch.linalg.norm(res.x)) < 1e-10  # ... with x ⟂ null space
+    X_ref = torch.linalg.lstsq(H, B, rcond=1e-10).solution  # minimum-norm least squares (gelsd, SVD)
+    assert float(rel_err(res.x, X_ref).max()) < 1e-8
+
+
+def test_solve_rejects_bad_arguments():
+    _, _, _, _, op = logistic_problem()
+    B = rhs(op.dim)
+    with pytest.raises(ValueError, match="method"):
+        solve(op, B, method="newton")
+    with pytest.raises(TypeError, match="rtol"):
+        solve(op, B, method="exact", rtol=1e-3)
+    with pytest.raises(TypeError, match="rank"):
+        solve(op, B, method="arnoldi")
+    with pytest.raises(ValueError, match="damping"):
+        solve(op, B, damping=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        solve(op, B[:-1])
+    with pytest.raises(TypeError, match="float32"):
+        solve(op, B.float())
+    bad = B.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        solve(op, bad)
+
+
+def test_dense_matrix_input_is_accepted():
+    A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=DT)
+    b = torch.tensor([1.0, 2.0], dtype=DT)
+    res = solve(A, b, method="cg")
+    assert torch.allclose(res.x, torch.linalg.solve(A, b), rtol=1e-10)
+    assert isinstance(CurvatureOperator.from_matrix(A), CurvatureOperator)
