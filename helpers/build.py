@@ -215,7 +215,8 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
 
     build_dir = (build_dir or build_dir_default()).resolve()
     params = resolve_parameters(chapter, profile, overrides, root)
-    work = Path(tempfile.mkdtemp(prefix=f".work-{chapter.name}-", dir=_ensure(build_dir)))
+    _sweep_stale(build_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-{chapter.name}-", dir=_ensure(build_dir)))
     out_nb = work / f"{chapter.name}.ipynb"
     env_updates = {
         "BOOK_CHAPTER": chapter.name,
@@ -266,6 +267,26 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
     return final_nb
 
 
+def _sweep_stale(build_dir: Path) -> None:
+    """Remove work and staging folders left by a run that was killed outright (SIGKILL, power loss).
+
+    Folder names carry the owning process id; a folder whose process no longer exists is debris.
+    """
+    if not build_dir.exists():
+        return
+    for folder in [*build_dir.glob(".work-*"), *build_dir.glob(".stage-*"), *build_dir.glob(".old-*")]:
+        parts = folder.name.split("-")
+        pid = next((int(p) for p in parts[1:] if p.isdigit()), None)
+        if pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -296,7 +317,8 @@ def build_html(profile: str = "default", *, build_dir: Path | None = None, root:
     off`` in ``_config.yml``). Returns ``<build_dir>/html/index.html``.
     """
     build_dir = (build_dir or build_dir_default()).resolve()
-    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=_ensure(build_dir)))
+    _sweep_stale(build_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f".stage-{os.getpid()}-", dir=_ensure(build_dir)))
     try:
         shutil.copy2(root / "_config.yml", stage / "_config.yml")
         shutil.copytree(root / BOOK_DIR_NAME, stage / BOOK_DIR_NAME,

@@ -128,3 +128,12 @@ def test_every_toc_notebook_has_parameters_and_a_profile_entry() -> None:
                 assert chapter.name in overrides, f"smoke profile has no entry for chapter {chapter.name}"
     assert os.access(REPO / ".ci" / "run", os.X_OK)
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_debris_of_a_killed_run_is_swept(mini_book: Path, tmp_path: Path) -> None:
+    out = tmp_path / "_build"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = out / f".work-{dead.stdout.strip()}-good-abc"
+    (debris / "data").mkdir(parents=True)
+    build.execute_chapter(build.find_chapter("good", mini_book), "default", build_dir=out, root=mini_book, quiet=True)
+    assert not debris.exists()
