@@ -251,7 +251,6 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
                 os.environ[k] = v
     seconds = time.perf_counter() - start
     # Commit: notebook, figure data, records — each moved into place whole.
-    _strip_injected_tag_noise(out_nb)
     final_nb = build_dir / "executed" / profile / f"{chapter.name}.ipynb"
     final_nb.parent.mkdir(parents=True, exist_ok=True)
     os.replace(out_nb, final_nb)
@@ -297,16 +296,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _strip_injected_tag_noise(path: Path) -> None:
-    """Hide papermill's injected-parameters cell input in the HTML (the values stay visible as output-free code)."""
-    nb = json.loads(path.read_text())
-    for cell in nb["cells"]:
-        tags = cell.get("metadata", {}).get("tags", [])
-        if "injected-parameters" in tags and "remove-input" not in tags:
-            tags.append("remove-input")
-    path.write_text(json.dumps(nb, indent=1))
 
 
 def build_html(profile: str = "default", *, build_dir: Path | None = None, root: Path = REPO_ROOT,
@@ -398,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
             execute_chapter(chapter, args.profile, overrides=parse_overrides(args.overrides),
                             build_dir=args.build_dir, root=root)
             if not args.no_html:
+                # The HTML needs every chapter executed once under this profile: run the missing ones.
+                out = (args.build_dir or build_dir_default()).resolve()
+                for other in notebook_chapters(root):
+                    if not (out / "executed" / args.profile / f"{other.name}.ipynb").exists():
+                        execute_chapter(other, args.profile, build_dir=args.build_dir, root=root)
                 build_html(args.profile, build_dir=args.build_dir, root=root)
         elif args.command == "list":
             profile = load_profile(args.profile, root)

@@ -137,3 +137,21 @@ def test_debris_of_a_killed_run_is_swept(mini_book: Path, tmp_path: Path) -> Non
     (debris / "data").mkdir(parents=True)
     build.execute_chapter(build.find_chapter("good", mini_book), "default", build_dir=out, root=mini_book, quiet=True)
     assert not debris.exists()
+
+
+def test_chapter_command_with_override_changes_the_html(mini_book: Path, tmp_path: Path) -> None:
+    (mini_book / "_toc.yml").write_text("format: jb-book\nroot: book/index\nchapters:\n  - file: book/good\n")
+    out = tmp_path / "_build"
+
+    def run(*extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "helpers.build", "chapter", "good", "--root", str(mini_book),
+                               "--build-dir", str(out), *extra], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        return (out / "html" / "book" / "good.html").read_text()
+
+    first = run()
+    assert "The answer is" in first and "42" in first
+    assert "147" in run("--set", "scale=7")
+    bad = subprocess.run([sys.executable, "-m", "helpers.build", "chapter", "good", "--root", str(mini_book),
+                          "--build-dir", str(out), "--set", "sale=7"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "unknown parameter(s) sale" in bad.stderr and "valid: scale, label" in bad.stderr
