@@ -405,6 +405,7 @@ def _forward_mode(
             with torch.no_grad(), warnings.catch_warnings():
                 # torch's constant folding of the trace warns about its own internal get_attr nodes: not ours
                 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node", category=UserWarning)
+                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
                 return torch.func.linearize(fn, theta)[1]
         except Exception as err:  # tracing is an optimisation only: keep the plain product
             warnings.warn(f"torch.func.linearize failed ({type(err).__name__}: {err}); using jvp per product")

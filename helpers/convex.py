@@ -1,0 +1,872 @@
+"""Exact, fast tools for linear softmax models: the convex case of chapter 1 ("Convex verification").
+
+The model is multinomial logistic regression without bias, :func:`helpers.models.logistic_regression`:
+logits z_i = W x_i with W ``[c, d]`` (its parameter ``linear.weight``), and the objective of
+:mod:`helpers.objective`
+
+    R(W) = Σ_i w_i ℓ_i(W) + (λ/2)‖W‖²,      ℓ_i = logsumexp(W x_i) − (W x_i)_{y_i},      w_i = 1/n by default.
+
+Everything the generic modules compute by autodiff has a closed form here, which is what makes the exact
+check affordable at d = 784 × 10 (mnist5k):
+
+* per-sample gradient  ∇ℓ_i = (p_i − e_{y_i}) ⊗ x_i       (p_i = softmax(W x_i));
+* Hessian              H = Σ_i w_i (diag p_i − p_i p_iᵀ) ⊗ x_i x_iᵀ + λI,
+
+flattened as ``W.reshape(-1)`` (class-major, row-major — the order of
+:class:`helpers.curvature.CurvatureOperator` for ``{"linear.weight": W}``). Block (a, b) of H is
+Xᵀ diag(w ⊙ A_ab) X with A_ab = p_a (δ_ab − p_b): 55 GEMMs for ten classes instead of 7,840 Hessian-vector
+products. Features that are zero in every (weighted) training row — MNIST's border pixels — decouple: their
+rows of H are exactly λI, so only the active block is assembled and factored.
+
+What the chapter calls:
+
+* :func:`fit` — θ̂ to ‖∇R‖ < tol: L-BFGS (scipy), then Newton steps with the closed-form Hessian (re-used as a
+  fixed preconditioner while it contracts well), recording the first iterate below each gradient-norm
+  threshold (the early-stopping knob). Cached.
+* :func:`factorize` → :class:`HessianFactor` — H + δI assembled and Cholesky-factored once.
+* :func:`solve_exact` — (H(θ) + δI) X = B to a relative residual of 1e-13: a direct solve when the factor is
+  of this very matrix, else preconditioned CG with the factor (a few iterations when θ is close).
+* :func:`softmax_regression_operator` — H as a :class:`~helpers.curvature.CurvatureOperator` with closed-form
+  products, for every method of :func:`helpers.solvers.solve` (CG, LiSSA, Arnoldi, pinv).
+* :func:`predict_removal` — Δ_pred ``[n_test, n_train]`` in the book's convention, with any solver.
+* :func:`leave_one_out` — the ground truth for many removals at once by the chord (simplified Newton)
+  method, returned as a :class:`helpers.retrain.GroundTruth`. Cached.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.optimize
+import torch
+from torch import Tensor
+
+from helpers.cache import memoize
+from helpers.curvature import CurvatureOperator
+from helpers.influence import InfluenceResult
+from helpers.objective import LooObjective, removal_weights
+from helpers.retrain import GroundTruth
+from helpers.solvers import Method, SolveResult, relative_residual, solve
+
+__all__ = [
+    "ConvexFit",
+    "HessianFactor",
+    "SoftmaxRegressionOperator",
+    "factorize",
+    "fit",
+    "leave_one_out",
+    "objective_and_grad",
+    "per_sample_grads",
+    "predict_removal",
+    "softmax_regression_hessian",
+    "softmax_regression_operator",
+    "solve_exact",
+    "test_losses",
+]
+
+PARAM_NAME = "linear.weight"  # the parameter of helpers.models.logistic_regression (bias-free)
+#: members per batched gradient evaluation: bounds the [n, members, c] logits to about 256 MB
+MEMBER_BYTES = 2**28
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_xy(x: Tensor, y: Tensor | None, what: str = "train") -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"{what} x must be a [n, d] tensor (flatten images first), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dtype != torch.float64:
+        raise TypeError(f"{what} x is {x.dtype}: the convex tools work in float64 only — use x.double()")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} x has no rows")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} x holds non-finite values: clean the data")
+    if y is not None:
+        if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.int64:
+            raise ValueError(f"{what} y must be [n] = [{x.shape[0]}] int64 class labels, got {y.dtype} "
+                             f"{tuple(y.shape)}: use y.long()")
+
+
+def _check_theta(theta: Tensor, d: int) -> None:
+    if not isinstance(theta, Tensor) or theta.dim() != 2 or theta.shape[1] != d:
+        got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+        raise ValueError(f"theta must be the weight matrix [n_classes, d] = [c, {d}] of the linear model, got {got}")
+    if theta.dtype != torch.float64:
+        raise TypeError(f"theta is {theta.dtype}: use float64 (theta.double())")
+    if not torch.isfinite(theta).all():
+        raise ValueError("theta holds non-finite values: the fit diverged")
+
+
+def _check_labels(y: Tensor, c: int) -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+        raise ValueError(f"labels must lie in [0, {c}) for a {c}-class model, got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
+def _weights(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+    w = torch.as_tensor(weights).to(like)
+    if w.shape != (n,):
+        raise ValueError(f"weights must be [n] = [{n}], got {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weights hold non-finite values")
+    return w
+
+
+def _check_l2(l2: float, name: str = "l2") -> float:
+    l2 = float(l2)
+    if not (l2 >= 0 and math.isfinite(l2)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {l2}")
+    return l2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# objective, gradients, losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _member_chunk(n: int, c: int) -> int:
+    return max(1, MEMBER_BYTES // (8 * n * c))
+
+
+def objective_and_grad(x: Tensor, y: Tensor, theta: Tensor, *, weights: Tensor | None = None, l2: float
+                       ) -> tuple[Tensor, Tensor]:
+    """R(W) and ∇R(W) for one weight matrix or for k of them at once.
+
+    Args:
+        x: ``[n, d]`` float64 inputs; y: ``[n]`` int64 labels.
+        theta: ``[c, d]`` or stacked ``[k, c, d]`` weight matrices.
+        weights: ``[n]`` (shared) or ``[k, n]`` (one row per member, e.g. :func:`helpers.objective.removal_weights`);
+            ``None`` = 1/n.
+        l2: λ.
+
+    Returns:
+        ``(value, grad)``: ``[]`` and ``[c, d]`` for one matrix, ``[k]`` and ``[k, c, d]`` for a stack (loss units;
+        the gradient of the whole objective, L2 term included).
+
+    Cost: two GEMMs of n·d·(k·c) multiply-adds, in member chunks bounding the logits to ~256 MB.
+    """
+    _check_xy(x, y)
+    single = theta.dim() == 2
+    th = theta[None] if single else theta
+    if th.dim() != 3 or th.shape[2] != x.shape[1]:
+        raise ValueError(f"theta must be [c, d] or [k, c, d] with d = {x.shape[1]}, got {tuple(theta.shape)}")
+    k, c, d = th.shape
+    _check_labels(y, c)
+    n = x.shape[0]
+    if weights is None or weights.dim() == 1:
+        w = _weights(weights, n, x)[None].expand(k, n)
+    else:
+        w = torch.as_tensor(weights).to(x)
+        if w.shape != (k, n):
+            raise ValueError(f"weights must be [n] or [k, n] = [{k}, {n}], got {tuple(w.shape)}")
+    values, grads = _value_grad(x, y, th, w, _check_l2(l2))
+    return (values[0], grads[0]) if single else (values, grads)
+
+
+def _value_grad(x: Tensor, y: Tensor, th: Tensor, w: Tensor, l2: float, need_grad: bool = True
+                ) -> tuple[Tensor, Tensor | None]:
+    """Unchecked batched objective: th ``[k, c, d]``, w ``[k, n]`` → values ``[k]``, grads ``[k, c, d]``."""
+    k, c, d = th.shape
+    n = x.shape[0]
+    onehot = torch.nn.functional.one_hot(y, c).to(x)
+    values = torch.empty(k, dtype=x.dtype, device=x.device)
+    grads = torch.empty_like(th) if need_grad else None
+    step = _member_chunk(n, c)
+    for s in range(0, k, step):
+        t = th[s:s + step]
+        m = t.shape[0]
+        z = (x @ t.reshape(m * c, d).T).view(n, m, c)  # one GEMM for all members of the chunk
+        lse = torch.logsumexp(z, dim=-1)  # [n, m]
+        wt = w[s:s + step].T  # [n, m]
+        picked = z.gather(2, y.view(n, 1, 1).expand(n, m, 1))[..., 0]
+        values[s:s + step] = (wt * (lse - picked)).sum(0) + 0.5 * l2 * (t * t).sum((1, 2))
+        if need_grad:
+            err = (torch.exp(z - lse[..., None]) - onehot[:, None, :]) * wt[..., None]  # [n, m, c]
+            grads[s:s + step] = (err.reshape(n, m * c).T @ x).view(m, c, d) + l2 * t
+    return values, grads
+
+
+def test_losses(x: Tensor, y: Tensor, theta: Tensor) -> Tensor:
+    """Per-sample cross-entropy ℓ(z_i, W) (nats): ``[n]`` for one ``[c, d]`` matrix, ``[k, n]`` for ``[k, c, d]``.
+
+    Cost: one GEMM of n·d·(k·c).
+    """
+    _check_xy(x, y, "test")
+    single = theta.dim() == 2
+    th = theta[None] if single else theta
+    k, c, d = th.shape
+    _check_labels(y, c)
+    n = x.shape[0]
+    z = (x @ th.reshape(k * c, d).T).view(n, k, c)
+    out = (torch.logsumexp(z, dim=-1) - z.gather(2, y.view(n, 1, 1).expand(n, k, 1))[..., 0]).T
+    return out[0] if single else out
+
+
+def per_sample_grads(x: Tensor, y: Tensor, theta: Tensor) -> Tensor:
+    """∇ℓ(z_i, W) = (p_i − e_{y_i}) ⊗ x_i for every row, flattened like ``W.reshape(-1)``: ``[n, c·d]``.
+
+    The loss gradient only (no L2 term, no weight), as :func:`helpers.influence.per_sample_grads`. Memory n·c·d
+    numbers — the chapter's influence computation never forms it (see :func:`predict_removal`). Cost O(n·c·d).
+    """
+    _check_xy(x, y)
+    _check_theta(theta, x.shape[1])
+    _check_labels(y, theta.shape[0])
+    err = torch.softmax(x @ theta.T, dim=1) - torch.nn.functional.one_hot(y, theta.shape[0]).to(x)
+    return (err[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Hessian: closed form, operator, factor
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _active_features(x: Tensor, w: Tensor) -> Tensor:
+    """``[d]`` bool: features nonzero in some row of nonzero weight (the others have H = λI exactly)."""
+    return (x[w != 0] != 0).any(dim=0)
+
+
+def _active_block(x: Tensor, theta: Tensor, w: Tensor, active: Tensor) -> Tensor:
+    """The data term of H on the active features, ``[c·d_a, c·d_a]`` (class-major), symmetric, without λ."""
+    c = theta.shape[0]
+    xa = x[:, active]
+    da = xa.shape[1]
+    p = torch.softmax(x @ theta.T, dim=1)  # [n, c]
+    out = torch.empty(c, da, c, da, dtype=x.dtype, device=x.device)
+    for a in range(c):  # a loop over class pairs (55 GEMMs for ten classes), never over samples
+        for b in range(a, c):
+            coef = w * p[:, a] * ((1.0 if a == b else 0.0) - p[:, b])  # w_i (diag p − p pᵀ)_ab
+            blk = xa.T @ (xa * coef[:, None])
+            if a == b:
+                blk = 0.5 * (blk + blk.T)  # the GEMM is symmetric only to rounding; Cholesky reads one triangle
+                out[a, :, a, :] = blk
+            else:
+                out[a, :, b, :] = blk
+                out[b, :, a, :] = blk.T
+    return out.view(c * da, c * da)
+
+
+def softmax_regression_hessian(x: Tensor, theta: Tensor, *, weights: Tensor | None = None, l2: float) -> Tensor:
+    """The exact Hessian of R at W, in closed form: ``[c·d, c·d]`` float64.
+
+        H = Σ_i w_i (diag p_i − p_i p_iᵀ) ⊗ x_i x_iᵀ + λI,     p_i = softmax(W x_i),
+
+    flattened like ``W.reshape(-1)`` — the order of :class:`helpers.curvature.CurvatureOperator` for
+    ``{"linear.weight": W}``, so it equals ``hessian_operator(model, params, x, y, l2=λ).dense()``. Labels do
+    not enter (the softmax cross-entropy Hessian does not depend on them).
+
+    Cost: c(c+1)/2 GEMMs of n·d_a² (d_a = features not zero in every row), (c·d)² numbers of memory
+    (490 MB in float64 for 784 × 10). For solving, prefer :func:`factorize`, which never forms the full matrix.
+    """
+    _check_xy(x, None)
+    _check_theta(theta, x.shape[1])
+    l2 = _check_l2(l2)
+    c, d = theta.shape
+    w = _weights(weights, x.shape[0], x)
+    active = _active_features(x, w)
+    idx = torch.nonzero(active).reshape(-1)
+    full = torch.zeros(c, d, c, d, dtype=x.dtype, device=x.device)
+    block = _active_block(x, theta, w, active).view(c, idx.numel(), c, idx.numel())
+    full[:, idx[:, None], :, idx[None, :]] = block.permute(1, 3, 0, 2)  # advanced dims come first
+    full = full.view(c * d, c * d)
+    full.diagonal().add_(l2)
+    return full
+
+
+class SoftmaxRegressionOperator(CurvatureOperator):
+    """H (or H without λ) of softmax regression at W as a :class:`~helpers.curvature.CurvatureOperator`.
+
+    Products in closed form — Hv = vec(Σ_i w_i [(diag p_i − p_i p_iᵀ) V x_i] x_iᵀ) + λ v — cost two GEMMs of
+    n·d·(k·c) for k vectors (about one gradient evaluation each, the same as a dense matrix-vector product for
+    784 × 10 but reading 25 MB instead of 490 MB). :meth:`dense` assembles H in closed form
+    (:func:`softmax_regression_hessian`), so ``method="exact"`` / ``"pinv"`` of :func:`helpers.solvers.solve`
+    cost 55 GEMMs, not c·d products. ``applications`` counts products as for every operator.
+    """
+
+    def __init__(self, x: Tensor, theta: Tensor, weights: Tensor, l2: float) -> None:
+        self._x, self._theta, self._w, self._l2 = x, theta, weights, l2
+        self._p = torch.softmax(x @ theta.T, dim=1)
+        super().__init__(self._product_one, {PARAM_NAME: theta}, kind="hessian")
+
+    def _products(self, V: Tensor) -> Tensor:
+        """``V [c·d, k]`` → ``H V [c·d, k]``."""
+        c, d = self._theta.shape
+        k = V.shape[1]
+        n = self._x.shape[0]
+        vm = V.T.reshape(k, c, d)
+        u = (self._x @ vm.reshape(k * c, d).T).view(n, k, c)  # (V_j x_i) for every vector j and sample i
+        p = self._p[:, None, :]
+        au = (p * u - p * (p * u).sum(-1, keepdim=True)) * self._w[:, None, None]
+        out = (au.reshape(n, k * c).T @ self._x).view(k, c, d)
+        if self._l2:
+            out = out + self._l2 * vm
+        return out.reshape(k, c * d).T
+
+    def _product_one(self, v: Tensor) -> Tensor:
+        return self._products(v[:, None])[:, 0]
+
+    def matmat(self, V: Tensor, chunk_size: int | None = None) -> Tensor:
+        """H V for ``V [c·d, k]`` in one batched closed-form product (k counted as k applications)."""
+        self._check_vec(V, 2)
+        self.applications += V.shape[1]
+        if V.shape[1] == 0:
+            return V.clone()
+        return self._finite(self._products(V))
+
+    def dense(self, chunk_size: int | None = None) -> Tensor:
+        """The full ``[c·d, c·d]`` matrix by :func:`softmax_regression_hessian` (not counted as products)."""
+        return softmax_regression_hessian(self._x, self._theta, weights=self._w, l2=self._l2)
+
+
+def softmax_regression_operator(x: Tensor, theta: Tensor, *, weights: Tensor | None = None, l2: float
+                                ) -> SoftmaxRegressionOperator:
+    """H of R at W as a closed-form :class:`SoftmaxRegressionOperator` (``l2=0``: the data term alone, singular
+    along W → W + 1vᵀ). Construction: one GEMM for the probabilities."""
+    _check_xy(x, None)
+    _check_theta(theta, x.shape[1])
+    return SoftmaxRegressionOperator(x, theta.detach(), _weights(weights, x.shape[0], x), _check_l2(l2))
+
+
+@dataclass
+class HessianFactor:
+    """H(W₀) + (λ + δ)I, assembled in closed form and Cholesky-factored on its active block.
+
+    Attributes:
+        theta: ``[c, d]`` the point W₀ the Hessian was built at; l2: λ; damping: δ.
+        active: ``[d]`` bool, the features with data (the others' rows of H are (λ + δ)I exactly).
+        cholesky: lower Cholesky factor of the active block, ``[c·d_a, c·d_a]``.
+        weights_key: the per-sample weights used (``None`` = 1/n).
+        seconds: wall time of assembly and factorisation.
+    """
+
+    theta: Tensor
+    l2: float
+    damping: float
+    active: Tensor
+    cholesky: Tensor
+    weights: Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.theta.numel())
+
+    def apply_inverse(self, B: Tensor) -> Tensor:
+        """(H(W₀) + (λ + δ)I)⁻¹ B for ``B [c·d]`` or ``[c·d, k]``. Cost: two triangular solves on the active block."""
+        vector = B.dim() == 1
+        B2 = B[:, None] if vector else B
+        c, d = self.theta.shape
+        if B2.shape[0] != c * d:
+            raise ValueError(f"B must have {c * d} rows (c·d), got {tuple(B.shape)}")
+        k = B2.shape[1]
+        b4 = B2.reshape(c, d, k)
+        out = torch.empty_like(b4)
+        shift = self.l2 + self.damping
+        if not bool(self.active.all()):
+            if shift == 0:
+                raise ValueError("the Hessian is singular on features that are zero in every training row and "
+                                 "neither an L2 term nor damping is set: add damping > 0")
+            out[:, ~self.active, :] = b4[:, ~self.active, :] / shift
+        ba = b4[:, self.active, :].reshape(-1, k)
+        out[:, self.active, :] = torch.cholesky_solve(ba, self.cholesky).view(c, -1, k)
+        out = out.reshape(c * d, k)
+        return out[:, 0] if vector else out
+
+
+def factorize(x: Tensor, theta: Tensor, *, weights: Tensor | None = None, l2: float, damping: float = 0.0
+              ) -> HessianFactor:
+    """Assemble H(W) + δI in closed form and factor it (Cholesky) — the "exact Hessian, exact solve" of chapter 1.
+
+    Raises:
+        helpers.solvers.SingularHessianError-like ValueError naming the smallest pivot when H + δI is not
+        positive definite (without λ the softmax Hessian is singular along W → W + 1vᵀ: add damping).
+
+    Cost: c(c+1)/2 GEMMs of n·d_a² plus a Cholesky of size c·d_a (about 5 s + 4 s for mnist5k on two cores);
+    memory 2·(c·d_a)² numbers.
+    """
+    _check_xy(x, None)
+    _check_theta(theta, x.shape[1])
+    l2, damping = _check_l2(l2), _check_l2(damping, "damping")
+    w = _weights(weights, x.shape[0], x)
+    active = _active_features(x, w)
+    t0 = time.perf_counter()
+    block = _active_block(x, theta.detach(), w, active)
+    block.diagonal().add_(l2 + damping)
+    t1 = time.perf_counter()
+    L, info = torch.linalg.cholesky_ex(block)
+    del block
+    if int(info) != 0:
+        raise ValueError(
+            f"H + damping·I is not positive definite (Cholesky failed at pivot {int(info)}) with l2={l2}, "
+            f"damping={damping}: the softmax Hessian without an L2 term is singular along W → W + 1vᵀ — add "
+            "damping > 0 or keep the L2 term"
+        )
+    t2 = time.perf_counter()
+    return HessianFactor(theta=theta.detach().clone(), l2=l2, damping=damping, active=active, cholesky=L,
+                         weights=None if weights is None else w.clone(),
+                         seconds={"assemble": t1 - t0, "cholesky": t2 - t1})
+
+
+def _same_matrix(factor: HessianFactor, theta: Tensor, w: Tensor | None, l2: float, damping: float, n: int) -> bool:
+    """Is ``factor`` a factorisation of exactly H(theta; w) + (l2 + damping)I?"""
+    if factor.l2 + factor.damping != l2 + damping or not torch.equal(factor.theta, theta):
+        return False
+    ones = torch.full((n,), 1.0 / n, dtype=theta.dtype, device=theta.device)
+    fw = ones if factor.weights is None else factor.weights
+    return torch.equal(fw, ones if w is None else w)
+
+
+def solve_exact(x: Tensor, theta: Tensor, B: Tensor, *, weights: Tensor | None = None, l2: float,
+                damping: float = 0.0, factor: HessianFactor | None = None, rtol: float = 1e-13,
+                maxiter: int = 200) -> SolveResult:
+    """Solve (H(W) + δI) X = B exactly (to a relative residual ≤ ``rtol`` measured with the true H(W)).
+
+    With ``factor`` of this very matrix (same W, λ + δ, weights): one direct Cholesky solve. With a factor of a
+    nearby matrix (another W, λ or δ): preconditioned conjugate gradients with that factor as preconditioner —
+    H(W₀)⁻¹H(W) is close to I, so a few iterations reach round-off. Without ``factor``: :func:`factorize` first.
+
+    Args:
+        x: ``[n, d]`` training inputs; theta: ``[c, d]``; B: ``[c·d]`` or ``[c·d, k]``.
+        l2: λ of H (0 leaves the L2 term out: then pass damping > 0). damping: δ.
+
+    Returns:
+        :class:`helpers.solvers.SolveResult` (method ``"exact"`` or ``"pcg"``, ``iterations`` = PCG steps,
+        ``info["hvps"]`` closed-form products, ``relative_residual`` recomputed with the true operator).
+
+    Raises:
+        RuntimeError if PCG has not reached ``rtol`` within ``maxiter`` steps (names the residual reached).
+    """
+    _check_xy(x, None)
+    _check_theta(theta, x.shape[1])
+    l2, damping = _check_l2(l2), _check_l2(damping, "damping")
+    w = None if weights is None else _weights(weights, x.shape[0], x)
+    op = softmax_regression_operator(x, theta, weights=w, l2=l2)
+    if not isinstance(B, Tensor) or B.dim() not in (1, 2) or B.shape[0] != op.dim:
+        raise ValueError(f"B must be [{op.dim}] or [{op.dim}, k], got "
+                         f"{tuple(B.shape) if isinstance(B, Tensor) else type(B).__name__}")
+    if not torch.isfinite(B).all():
+        raise ValueError("B holds non-finite values: check the gradients that built it")
+    vector = B.dim() == 1
+    B2 = (B[:, None] if vector else B).to(x)
+    if factor is None:
+        factor = factorize(x, theta, weights=w, l2=l2, damping=damping)
+    if _same_matrix(factor, theta, w, l2, damping, x.shape[0]):
+        X = factor.apply_inverse(B2)
+        method, iterations = "exact", 0
+    else:
+        X, iterations = _pcg(op, B2, damping, factor, rtol, maxiter)
+        method = "pcg"
+    hvps = op.applications
+    rel = relative_residual(op, X, B2, damping)
+    return SolveResult(x=X[:, 0] if vector else X, relative_residual=rel[0] if vector else rel, method=method,
+                       iterations=iterations, damping=damping,
+                       info={"hvps": hvps, "factor_at_same_point": method == "exact", "rtol": rtol})
+
+
+def _pcg(op: CurvatureOperator, B: Tensor, damping: float, factor: HessianFactor, rtol: float, maxiter: int
+         ) -> tuple[Tensor, int]:
+    """Preconditioned CG on all columns at once (one batched product and one batched triangular solve per step)."""
+    X = factor.apply_inverse(B)  # the preconditioner's own answer is the start: already close
+    R = B - (op.matmat(X) + damping * X)
+    bnorm = torch.linalg.vector_norm(B, dim=0).clamp_min(torch.finfo(B.dtype).tiny)
+    Z = factor.apply_inverse(R)
+    P = Z.clone()
+    rz = (R * Z).sum(0)
+    for it in range(maxiter + 1):
+        rel = torch.linalg.vector_norm(R, dim=0) / bnorm
+        if bool((rel <= rtol).all()):
+            return X, it
+        if it == maxiter:
+            break
+        AP = op.matmat(P) + damping * P
+        pap = (P * AP).sum(0)
+        alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        X = X + alpha * P
+        R = R - alpha * AP
+        Z = factor.apply_inverse(R)
+        rz_new = (R * Z).sum(0)
+        P = Z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)) * P
+        rz = rz_new
+    raise RuntimeError(
+        f"preconditioned CG did not reach relative residual {rtol:.0e} in {maxiter} steps (reached "
+        f"{float(rel.max()):.2e}): the factor is of a matrix too far from this one — factorize at this point"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training to a gradient-norm tolerance
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvexFit:
+    """θ̂ of softmax regression, trained to ‖∇R‖₂ < tol.
+
+    Attributes:
+        theta: ``[c, d]`` float64; loss: R(θ̂); grad_norm: ‖∇R(θ̂)‖₂; converged: grad_norm < tol.
+        history: one row per iterate: phase (0 = L-BFGS, 1 = Newton), iteration, ‖∇R‖₂, R — ``[m, 4]``.
+        snapshots: ``{threshold: (theta [c, d], grad_norm, phase, iteration)}`` — the first iterate whose gradient
+            norm fell below each requested threshold (training stopped early there).
+        hessian_builds: how many Hessians were assembled and factored in the Newton phase.
+        seconds: wall time of each phase.
+        factor: the last Newton phase :class:`HessianFactor` (a preconditioner near θ̂); kept in memory only,
+            never written to the cache (``None`` after a cache hit).
+    """
+
+    theta: Tensor
+    loss: float
+    grad_norm: float
+    converged: bool
+    history: np.ndarray
+    snapshots: dict[float, tuple[Tensor, float, int, int]]
+    hessian_builds: int
+    seconds: dict[str, float]
+    tol: float
+    l2: float
+    factor: HessianFactor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["factor"] = None  # 350 MB of Cholesky factor: recomputed where needed, never cached
+        return state
+
+
+def fit(x: Tensor, y: Tensor, *, l2: float, tol: float = 1e-10, weights: Tensor | None = None,
+        init: Tensor | None = None, n_classes: int | None = None, snapshots: Sequence[float] = (),
+        lbfgs_max_iter: int = 20000, newton_max_iter: int = 50, cache: bool = True) -> ConvexFit:
+    """Train softmax regression to ‖∇R‖₂ < ``tol``: L-BFGS, then Newton with the closed-form Hessian.
+
+    L-BFGS (``scipy.optimize.minimize``, L-BFGS-B without bounds, history 20) runs from ``init`` (default zeros)
+    until ‖∇R‖₂ < tol or it stalls (near round-off its line search can no longer see the objective decrease).
+    Newton steps with the exact Hessian (:func:`factorize`) finish the job; a factor is reused as a fixed
+    preconditioner (chord method) while each step shrinks the gradient at least 4-fold, and rebuilt otherwise;
+    every step is backtracked until R decreases (Armijo), so the iteration converges from anywhere for λ > 0.
+
+    Args:
+        x, y: ``[n, d]`` float64, ``[n]`` int64; l2: λ (> 0 for a unique minimiser); weights: ``[n]`` or None.
+        n_classes: c (default ``y.max() + 1``). snapshots: gradient-norm thresholds to record (early stopping).
+        cache: memoise on disk (:mod:`helpers.cache`), keyed by data, λ, tol, weights, init and thresholds.
+
+    Returns:
+        :class:`ConvexFit`. Raises RuntimeError naming the gradient norm reached if ``tol`` is not met within
+        ``newton_max_iter`` Newton steps (e.g. λ = 0 on separable data: no minimiser exists).
+
+    Cost (mnist5k, 4,000 × 784, λ = 0.01, two cores): ~100 L-BFGS iterations (~2 s) and one or two Hessians
+    (~8 s each).
+    """
+    _check_xy(x, y)
+    c = int(n_classes) if n_classes is not None else int(y.max()) + 1
+    _check_labels(y, c)
+    l2 = _check_l2(l2)
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    thresholds = sorted({float(t) for t in snapshots}, reverse=True)
+    w = None if weights is None else _weights(weights, x.shape[0], x)
+    theta0 = torch.zeros(c, x.shape[1], dtype=x.dtype) if init is None else init.detach().to(x).clone()
+    _check_theta(theta0, x.shape[1])
+    if theta0.shape[0] != c:
+        raise ValueError(f"init has {theta0.shape[0]} classes, the labels {c}")
+
+    def compute() -> ConvexFit:
+        return _fit(x, y, theta0, w, l2, tol, thresholds, lbfgs_max_iter, newton_max_iter)
+
+    if not cache:
+        return compute()
+    key = {"x": x, "y": y, "l2": l2, "tol": float(tol), "weights": w, "init": theta0, "snapshots": thresholds,
+           "lbfgs_max_iter": lbfgs_max_iter, "newton_max_iter": newton_max_iter}
+    return memoize("convex_fit", key, compute)
+
+
+def _fit(x: Tensor, y: Tensor, theta0: Tensor, w: Tensor | None, l2: float, tol: float, thresholds: list[float],
+         lbfgs_max_iter: int, newton_max_iter: int) -> ConvexFit:
+    c, d = theta0.shape
+    n = x.shape[0]
+    wv = _weights(w, n, x)[None]
+    history: list[tuple[int, int, float, float]] = []
+    snaps: dict[float, tuple[Tensor, float, int, int]] = {}
+
+    def evaluate(theta: Tensor) -> tuple[float, Tensor, float]:
+        val, g = _value_grad(x, y, theta[None], wv, l2)
+        return float(val[0]), g[0], float(torch.linalg.vector_norm(g[0]))
+
+    def note(theta: Tensor, val: float, gn: float, phase: int, it: int) -> None:
+        if not (math.isfinite(val) and math.isfinite(gn)):
+            raise FloatingPointError(f"non-finite objective or gradient at iteration {it}: the fit diverged")
+        history.append((phase, it, gn, val))
+        for t in thresholds:
+            if gn < t and t not in snaps:
+                snaps[t] = (theta.detach().clone(), gn, phase, it)
+
+    t0 = time.perf_counter()
+    theta = theta0.clone()
+    val, g, gn = evaluate(theta)
+    note(theta, val, gn, 0, 0)
+    if gn >= tol:
+        last: dict[str, Any] = {}
+
+        def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
+            th = torch.from_numpy(flat).view(c, d)
+            v, gr, gnorm = evaluate(th)
+            last.update(x=flat.copy(), v=v, g=gr, gn=gnorm)
+            return v, gr.reshape(-1).numpy().copy()
+
+        count = [0]
+
+        def callback(intermediate_result: scipy.optimize.OptimizeResult) -> None:
+            count[0] += 1
+            xk = intermediate_result.x
+            if "x" in last and np.array_equal(last["x"], xk):  # the line search's last point is the iterate
+                v, gnorm = last["v"], last["gn"]
+            else:
+                v, _, gnorm = evaluate(torch.from_numpy(xk).view(c, d))
+            note(torch.from_numpy(xk.copy()).view(c, d), v, gnorm, 0, count[0])
+            if gnorm < tol:
+                raise StopIteration
+
+        res = scipy.optimize.minimize(fun, theta.reshape(-1).numpy().copy(), jac=True, method="L-BFGS-B",
+                                      callback=callback,
+                                      options={"maxiter": lbfgs_max_iter, "maxcor": 20, "ftol": 0.0, "gtol": 0.0})
+        theta = torch.from_numpy(res.x.copy()).view(c, d)
+        val, g, gn = evaluate(theta)
+    t1 = time.perf_counter()
+
+    factor: HessianFactor | None = None
+    builds = 0
+    rebuild = True
+    for it in range(1, newton_max_iter + 1):
+        if gn < tol:
+            break
+        if rebuild or factor is None:
+            factor = factorize(x, theta, weights=w, l2=l2)
+            builds += 1
+        step = factor.apply_inverse(g.reshape(-1)).view(c, d)
+        slope = -float((g * step).sum())
+        t = 1.0
+        for _ in range(60):  # Armijo backtracking; round-off slack so a converged step is not refused on noise
+            cand = theta - t * step
+            v_new, g_new, gn_new = evaluate(cand)
+            if v_new <= val + 1e-4 * t * slope + 8 * torch.finfo(x.dtype).eps * abs(val):
+                break
+            t *= 0.5
+        else:
+            raise RuntimeError(f"Newton step {it} found no decrease (‖∇R‖ = {gn:.2e}): the objective is flat or "
+                               "not convex here — check l2 > 0")
+        rebuild = not (gn_new <= 0.25 * gn and t == 1.0)  # keep the factor only while it contracts well
+        theta, val, g, gn = cand, v_new, g_new, gn_new
+        note(theta, val, gn, 1, it)
+    t2 = time.perf_counter()
+    if gn >= tol:
+        raise RuntimeError(f"softmax regression did not reach ‖∇R‖ < {tol:.0e} (reached {gn:.2e}) within "
+                           f"{newton_max_iter} Newton steps: with l2={l2} the problem may have no minimiser "
+                           "(separable data) — raise l2 or loosen tol")
+    return ConvexFit(theta=theta.clone(), loss=val, grad_norm=gn, converged=gn < tol,
+                     history=np.asarray(history, dtype=np.float64).reshape(-1, 4), snapshots=snaps,
+                     hessian_builds=builds, seconds={"lbfgs": t1 - t0, "newton": t2 - t1}, tol=float(tol),
+                     l2=l2, factor=factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# influence estimates
+# ----------------------------------------------------------------------------------------------------------
+
+
+def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, theta: Tensor, *,
+                    l2: float, weights: Tensor | None = None, damping: float = 0.0,
+                    include_l2_in_hessian: bool = True, method: Method = "exact",
+                    factor: HessianFactor | None = None, **solver_options: Any) -> InfluenceResult:
+    """Δ_pred ``[n_test, n_train]`` for softmax regression at W: the predicted change of each test loss when each
+    training point is removed (loss units; positive = the point helped), the book's convention (STUDY.md §1):
+
+        Δ_pred[t, i] = w_i ∇ℓ(z_test_t, W)ᵀ (H + δI)⁻¹ ∇ℓ(z_i, W),     H = ∇²R(W) (λI included unless asked not to).
+
+    The same numbers as :func:`helpers.influence.predict_removal` on ``logistic_regression(d, c)`` with
+    ``params={"linear.weight": W}``, computed without autodiff and without forming the ``[n_train, c·d]``
+    training gradients: with V_t = (H + δI)⁻¹ ∇ℓ_test_t as a ``[c, d]`` matrix, ∇ℓ_iᵀ V_t = (p_i − e_{y_i})ᵀ V_t x_i.
+
+    Args:
+        method: ``"exact"`` — :func:`solve_exact` (direct with ``factor`` of this matrix, else preconditioned CG
+            to a relative residual of 1e-13; without ``factor`` one is built); any other
+            :data:`helpers.solvers.Method` (``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"pinv"``) runs
+            :func:`helpers.solvers.solve` on the closed-form :class:`SoftmaxRegressionOperator` with
+            ``**solver_options`` (e.g. ``maxiter``, ``depth``, ``scale``, ``rank``).
+        include_l2_in_hessian: ``False`` solves with the data term alone (singular: give damping > 0, or
+            ``method="pinv"``).
+
+    Returns:
+        :class:`helpers.influence.InfluenceResult` (``solve.relative_residual`` per test point, ``solve.info["hvps"]``
+        the operator products spent).
+
+    Cost: one solve with n_test right-hand sides and two GEMMs of n_train·d·(n_test·c).
+    """
+    _check_xy(x_train, y_train)
+    _check_xy(x_test, y_test, "test")
+    _check_theta(theta, x_train.shape[1])
+    if x_test.shape[1] != x_train.shape[1]:
+        raise ValueError(f"x_test has {x_test.shape[1]} features, x_train {x_train.shape[1]}")
+    c, d = theta.shape
+    n = x_train.shape[0]
+    w = _weights(weights, n, x_train)
+    l2_h = _check_l2(l2) if include_l2_in_hessian else 0.0
+    g_test = per_sample_grads(x_test, y_test, theta)  # [T, c·d], T small
+    if method == "exact":
+        result = solve_exact(x_train, theta, g_test.T.contiguous(), weights=weights, l2=l2_h, damping=damping,
+                             factor=factor, **solver_options)
+    else:
+        op = softmax_regression_operator(x_train, theta, weights=weights, l2=l2_h)
+        result = solve(op, g_test.T.contiguous(), method=method, damping=damping, **solver_options)
+    T = g_test.shape[0]
+    v = result.x.T.reshape(T, c, d)
+    m = (x_train @ v.reshape(T * c, d).T).view(n, T, c)  # (V_t x_i)
+    err = torch.softmax(x_train @ theta.T, dim=1) - torch.nn.functional.one_hot(y_train, c).to(x_train)
+    values = (err[:, None, :] * m).sum(-1).T * w[None, :]
+    return InfluenceResult(values=values, solve=result, param_names=[PARAM_NAME], damping=float(damping),
+                           hessian="hessian", l2_in_hessian=l2_h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# leave-one-out ground truth: the chord method, all members at once
+# ----------------------------------------------------------------------------------------------------------
+
+
+def leave_one_out(x: Tensor, y: Tensor, test: tuple[Tensor, Tensor], theta_hat: Tensor, removed: Sequence[int], *,
+                  l2: float, tol: float = 1e-10, loo: LooObjective = "drop", factor: HessianFactor | None = None,
+                  max_iter: int = 100, keep_params: bool = False, cache: bool = True) -> GroundTruth:
+    """Exact leave-one-out retraining of softmax regression for every index in ``removed``, plus a drift member.
+
+    Member j minimises R_j(W) = Σ_i w_ji ℓ_i(W) + (λ/2)‖W‖² with w_j a row of
+    :func:`helpers.objective.removal_weights` (``loo="drop"``: the others keep 1/n; ``"reaverage"``: 1/(n−1));
+    the last member removes nothing (the drift run). All members start at θ̂ (warm start) and iterate the
+    chord (simplified Newton) method
+
+        W_j ← W_j − H₀⁻¹ ∇R_j(W_j),       H₀ = H(θ̂) (or ``factor``'s matrix), factored once,
+
+    in one batched step for all members, until every member's *own* ‖∇R_j‖₂ < ``tol``. The fixed H₀ only sets
+    the speed (it is close to each member's Hessian); the stopping test on the true gradient makes the answer
+    exact. A member whose gradient norm does not at least halve in a chord step (or whose objective rises) is
+    switched to full Newton steps with its own closed-form Hessian and Armijo backtracking.
+
+    Args:
+        x, y: ``[n, d]`` float64, ``[n]`` int64 training data; test: ``(x_test, y_test)``.
+        theta_hat: ``[c, d]`` θ̂ (the full-data fit). removed: training indices. l2: λ. tol: on ‖∇R_j‖₂.
+        factor: a :class:`HessianFactor` near θ̂ to reuse (e.g. ``ConvexFit.factor``); default: built at θ̂.
+        keep_params: also return the members' weights ``{"linear.weight": [members, c, d]}``.
+        cache: memoise on disk (:mod:`helpers.cache`); the factor is not part of the key (it changes only speed).
+
+    Returns:
+        :class:`helpers.retrain.GroundTruth` with protocol ``"convex_chord"``: ``delta [n_test, n_removed]`` =
+        ℓ(z_test, θ̂₋ᵢ) − ℓ(z_test, θ̂), ``drift [n_test]``, ``grad_norm [n_removed + 1]`` (drift member last),
+        ``settings`` with ``iterations``, ``newton_fallbacks`` and ``seconds``.
+
+    Raises:
+        RuntimeError naming the member and gradient norm if ``max_iter`` steps do not reach ``tol``.
+
+    Cost per chord step: two GEMMs of n·d·(k·c) for k members and one triangular solve pair with k right-hand
+    sides; typically 3–6 steps to 1e-10.
+    """
+    _check_xy(x, y)
+    xt, yt = test
+    _check_xy(xt, yt, "test")
+    _check_theta(theta_hat, x.shape[1])
+    c = theta_hat.shape[0]
+    _check_labels(y, c)
+    _check_labels(yt, c)
+    l2 = _check_l2(l2)
+    n = x.shape[0]
+    r = [int(i) for i in np.asarray(removed).reshape(-1)]
+    bad = [i for i in r if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"removed indices {bad} are outside the training set [0, {n}); the drift member is added "
+                         "by leave_one_out itself")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+
+    def compute() -> GroundTruth:
+        return _leave_one_out(x, y, xt, yt, theta_hat.detach(), r, l2, float(tol), loo, factor, max_iter,
+                              keep_params)
+
+    if not cache:
+        return compute()
+    key = {"x": x, "y": y, "test": [xt, yt], "theta_hat": theta_hat, "removed": r, "l2": l2, "tol": float(tol),
+           "loo": loo, "max_iter": max_iter, "keep_params": keep_params}
+    return memoize("convex_leave_one_out", key, compute)
+
+
+def _leave_one_out(x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, theta_hat: Tensor, r: list[int], l2: float,
+                   tol: float, loo: LooObjective, factor: HessianFactor | None, max_iter: int, keep_params: bool
+                   ) -> GroundTruth:
+    t0 = time.perf_counter()
+    c, d = theta_hat.shape
+    n = x.shape[0]
+    W = removal_weights(n, r + [-1], loo, dtype=x.dtype).to(x.device)  # [m, n], drift member last
+    m = W.shape[0]
+    if factor is None:
+        factor = factorize(x, theta_hat, l2=l2)
+    theta = theta_hat[None].expand(m, c, d).clone()
+    vals, G = _value_grad(x, y, theta, W, l2)
+    gn = torch.linalg.vector_norm(G.reshape(m, -1), dim=1)
+    iters = torch.zeros(m, dtype=torch.long)
+    newton = torch.zeros(m, dtype=torch.bool)
+    eps = torch.finfo(x.dtype).eps
+    for it in range(1, max_iter + 1):
+        active = gn >= tol
+        if not bool(active.any()):
+            break
+        ids = torch.nonzero(active & ~newton).reshape(-1)
+        if ids.numel():
+            k = ids.numel()
+            step = factor.apply_inverse(G[ids].reshape(k, c * d).T).T.reshape(k, c, d)
+            cand = theta[ids] - step
+            v_new, g_new = _value_grad(x, y, cand, W[ids], l2)
+            gn_new = torch.linalg.vector_norm(g_new.reshape(k, -1), dim=1)
+            rose = v_new > vals[ids] + 8 * eps * vals[ids].abs()
+            slow = (gn_new > 0.5 * gn[ids]) & (gn_new >= tol)
+            keep = ~rose  # a step that raised the objective is undone; that member continues with Newton
+            kept = ids[keep]
+            theta[kept], vals[kept], G[kept], gn[kept] = cand[keep], v_new[keep], g_new[keep], gn_new[keep]
+            iters[ids] += 1
+            newton[ids[rose | slow]] = True
+        for j in torch.nonzero(active & newton).reshape(-1).tolist():
+            theta[j], vals[j], G[j], gn[j] = _newton_step(x, y, theta[j], W[j], l2, vals[j], G[j], j)
+            iters[j] += 1
+    if bool((gn >= tol).any()):
+        j = int(torch.argmax(gn))
+        raise RuntimeError(f"leave-one-out member {j} (removed index {(r + [-1])[j]}) stopped at ‖∇R‖ = "
+                           f"{float(gn[j]):.2e} > tol {tol:.0e} after {max_iter} steps: loosen tol or raise max_iter")
+    losses = test_losses(xt, yt, torch.cat([theta, theta_hat[None]]))  # one kernel for members and reference
+    ref = losses[-1]
+    members = losses[:-1]
+    np_ = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    return GroundTruth(
+        protocol="convex_chord", delta=np_(members[:-1] - ref).T, drift=np_(members[-1] - ref),
+        removed=np.asarray(r, dtype=np.int64),
+        recipe={"optimizer": "chord_newton", "tol": tol, "weight_decay": l2, "max_iter": max_iter,
+                "dtype": "float64", "loss": "cross_entropy", "start": "theta_hat"},
+        test_losses=np_(members), ref_loss=np_(ref), grad_norm=np_(gn),
+        settings={"params": "all", "loo": loo, "iterations": np_(iters), "newton_fallbacks": int(newton.sum()),
+                  "seconds": time.perf_counter() - t0},
+        params={PARAM_NAME: theta} if keep_params else None)
+
+
+def _newton_step(x: Tensor, y: Tensor, theta: Tensor, w: Tensor, l2: float, val: Tensor, g: Tensor, member: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One full Newton step for one member with its own Hessian, backtracked until R decreases (Armijo)."""
+    c, d = theta.shape
+    step = factorize(x, theta, weights=w, l2=l2).apply_inverse(g.reshape(-1)).view(c, d)
+    slope = -float((g * step).sum())
+    t = 1.0
+    for _ in range(60):
+        cand = theta - t * step
+        v_new, g_new = _value_grad(x, y, cand[None], w[None], l2)
+        if float(v_new[0]) <= float(val) + 1e-4 * t * slope + 8 * torch.finfo(x.dtype).eps * abs(float(val)):
+            return cand, v_new[0], g_new[0], torch.linalg.vector_norm(g_new[0])
+        t *= 0.5
+    raise RuntimeError(f"leave-one-out member {member}: Newton found no decrease at ‖∇R‖ = "
+                       f"{float(torch.linalg.vector_norm(g)):.2e}; is l2 > 0?")
