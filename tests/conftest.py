@@ -52,3 +52,17 @@ def mini_book(tmp_path: Path) -> Path:
     for profile, body in {"default": "good: {}\n", "smoke": "good:\n  scale: 3\n"}.items():
         (root / "book" / "profiles" / f"{profile}.yml").write_text(body)
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny problems gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot.
+
+    Chapters run in their own kernels (separate processes) and keep torch's default.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,20 +14,9 @@ from helpers.curvature import (
     spectrum_summary,
 )
 from helpers.objective import model_params, objective, param_names
+from tiny_models import TinyMLP
 
 DT = torch.float64
-
-
-class TinyMLP(nn.Module):
-    """4 → 5 (tanh) → 3, the final nn.Linear exposed as ``last_layer``."""
-
-    def __init__(self, d_in: int = 4, width: int = 5, c: int = 3, bias: bool = True) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(d_in, width)
-        self.last_layer = nn.Linear(width, c, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(torch.tanh(self.hidden(x)))
 
 
 def make_problem(seed: int = 0, n: int = 24, loss: str = "cross_entropy"):

@@ -9,18 +9,9 @@ from torch.func import grad, hessian, vmap
 
 from helpers.influence import per_sample_grads, predict_param_change, predict_removal
 from helpers.objective import model_params, objective, param_names, per_sample_losses, removal_weights
+from tiny_models import TinyMLP
 
 DT = torch.float64
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, d_in: int = 4, width: int = 5, c: int = 3) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(d_in, width)
-        self.last_layer = nn.Linear(width, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(torch.tanh(self.hidden(x)))
 
 
 def data(n: int, seed: int, c: int = 3, loss: str = "cross_entropy"):

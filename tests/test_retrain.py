@@ -12,41 +12,10 @@ from helpers import retrain
 from helpers.objective import per_sample_losses, removal_weights
 from helpers.retrain import GroundTruth, cold_start, pbrf, warm_start
 from helpers.train import Recipe, fit
+from tiny_models import LogReg, MLP
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-class LogReg(nn.Module):
-    def __init__(self, d: int = 3, c: int = 3):
-        super().__init__()
-        self.linear = nn.Linear(d, c)
-
-    @property
-    def last_layer(self) -> nn.Module:
-        return self.linear
-
-    def forward(self, x):
-        return self.linear(x)
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int = 3, width: int = 4, c: int = 3):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, c))
-
-    @property
-    def last_layer(self) -> nn.Module:
-        return self.net[-1]
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def make_data(n: int, d: int = 3, c: int = 3, seed: int = 0):
@@ -99,7 +68,7 @@ def test_warm_start_newton_matches_separate_leave_one_out_fits(convex, loo):
 
 def test_warm_start_last_layer_only_matches_separate_fits():
     torch.manual_seed(1)
-    model = MLP().double()
+    model = MLP(width=4).double()
     train, test = make_data(30, seed=3), make_data(4, seed=4)
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}  # any θ̂: the head problem is convex
     recipe = NEWTON
@@ -130,7 +99,7 @@ def test_cold_start_shapes_and_convex_agreement_with_warm_start(convex):
 
 def test_cold_start_nonconvex_has_seed_noise():
     torch.manual_seed(2)
-    model = MLP().double()
+    model = MLP(width=4).double()
     train, test = make_data(30, seed=5), make_data(4, seed=6)
     recipe = Recipe(optimizer="adam", lr=0.05, epochs=60)
     gt = cold_start(model, train, test, [1, 2, 3], recipe, [0, 1], progress=False, cache=False)
@@ -191,7 +160,7 @@ def test_pbrf_mse_linear_model_equals_closed_form():
 
 def test_pbrf_adam_drift_member_stays_exactly_at_theta_s():
     torch.manual_seed(3)
-    model = MLP().double()
+    model = MLP(width=4).double()
     train, test = make_data(25, seed=7), make_data(4, seed=8)
     theta_s = {k: v.detach().clone() for k, v in model.named_parameters()}
     recipe = Recipe(optimizer="adam", lr=0.01, epochs=40, weight_decay=1e-3)

@@ -15,18 +15,9 @@ from helpers.solvers import (
     SingularHessianError,
     solve,
 )
+from tiny_models import TinyMLP
 
 DT = torch.float64
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, d_in: int = 4, width: int = 5, c: int = 3, bias: bool = True) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(d_in, width)
-        self.last_layer = nn.Linear(width, c, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(torch.tanh(self.hidden(x)))
 
 
 def logistic_problem(seed: int = 0, n: int = 40, l2: float = 0.05):

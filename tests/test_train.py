@@ -9,43 +9,7 @@ from torch import nn
 
 from helpers.objective import objective, removal_weights
 from helpers.train import EnsembleResult, Recipe, fit, fit_ensemble, init_params
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class LogReg(nn.Module):
-    """Multinomial logistic regression; its only layer is the last layer."""
-
-    def __init__(self, d: int = 3, c: int = 3):
-        super().__init__()
-        self.linear = nn.Linear(d, c)
-
-    @property
-    def last_layer(self) -> nn.Module:
-        return self.linear
-
-    def forward(self, x):
-        return self.linear(x)
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int = 3, width: int = 5, c: int = 3):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, width), nn.Tanh(), nn.Linear(width, c))
-
-    @property
-    def last_layer(self) -> nn.Module:
-        return self.net[-1]
-
-    def forward(self, x):
-        return self.net(x)
+from tiny_models import LogReg, MLP
 
 
 def make_data(n: int = 40, d: int = 3, c: int = 3, seed: int = 0):
