@@ -239,21 +239,13 @@ def model_with(model: nn.Module, params: Params | None = None, *, dtype: torch.d
 
 
 def init_params(model: nn.Module, seed: int, params: str | list[str] = "all") -> dict[str, Tensor]:
-    """A fresh random initialisation of ``model``: every submodule's ``reset_parameters()`` under ``seed``.
-
-    Drawn on the CPU in the module's dtype, so the same seed gives the same initial θ on any device.
-    Returns the subset named by ``params`` (``"all"``, ``"last"`` or names) as detached tensors.
+    """A fresh random initialisation of ``model`` under ``seed`` (:func:`helpers.models.init_params`), restricted
+    to the subset ``params`` (``"all"``, ``"last"`` or names) — what ``fit_ensemble(seeds=...)`` starts from.
     """
-    work = copy.deepcopy(model).cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in work.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    names = param_names(work, params)
-    named = dict(work.named_parameters())
-    return {n: named[n].detach().clone() for n in names}
+    from helpers.models import init_params as fresh
+
+    values = fresh(model, seed)
+    return {n: values[n] for n in param_names(model, params)}
 
 
 def _cast_data(x: Tensor, y: Tensor, recipe: Recipe) -> tuple[Tensor, Tensor]:
