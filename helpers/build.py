@@ -298,6 +298,33 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: The parts of MathJax 3's es5 tree that ``tex-mml-chtml.js`` loads (fonts, TeX extensions, menu, a11y).
+MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output", "ui", "a11y", "sre", "adaptors")
+
+
+def _stage_mathjax(target: Path) -> None:
+    """Copy a local MathJax 3 (PyPI ``django-static-mathjax``, pinned) so the HTML renders math offline.
+
+    It goes to ``_extra/`` (Sphinx's ``html_extra_path``, copied verbatim to ``html/mathjax/``), not to ``_static``:
+    Jupyter Book adds a script tag for every ``.js`` file under ``_static``, which would load MathJax twice.
+    ``_config.yml`` points ``mathjax_path`` at it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mathjax")
+    es5 = Path(spec.origin).parent / "static" / "mathjax" / "es5" if spec and spec.origin else None
+    if es5 is None or not (es5 / "tex-mml-chtml.js").exists():
+        raise BuildError("no local MathJax (package django-static-mathjax) in this environment: run `make book` "
+                         "or `.venv/bin/pip install -e .` to install the pinned set")
+    target.mkdir(parents=True, exist_ok=True)
+    for part in MATHJAX_PARTS:
+        src = es5 / part
+        if src.is_dir():
+            shutil.copytree(src, target / part)
+        else:
+            shutil.copy2(src, target / part)
+
+
 def build_html(profile: str = "default", *, build_dir: Path | None = None, root: Path = REPO_ROOT,
                quiet: bool = False) -> Path:
     """Build the HTML from a staged copy of the book with the executed notebooks swapped in.
@@ -312,6 +339,7 @@ def build_html(profile: str = "default", *, build_dir: Path | None = None, root:
         shutil.copy2(root / "_config.yml", stage / "_config.yml")
         shutil.copytree(root / BOOK_DIR_NAME, stage / BOOK_DIR_NAME,
                         ignore=shutil.ignore_patterns("*.ipynb", "__pycache__", ".ipynb_checkpoints"))
+        _stage_mathjax(stage / "_extra" / "mathjax")
         # The root page is staged as index.<ext> at the top, so _build/html/index.html *is* the introduction
         # (Jupyter Book otherwise writes a redirect there).
         toc = yaml.safe_load((root / "_toc.yml").read_text())

@@ -64,6 +64,9 @@ def test_smoke_book_renders_intro_with_figure_and_numbers(smoke_book: Path) -> N
     assert f"Over all {records['n_train']} training points" in text
     assert f"{records['pearson']:.4f}" in text and f"{records['spearman']:.4f}" in text
     assert "Traceback" not in index and "{glue" not in index
+    # Math renders offline: MathJax comes from the book itself, not a CDN.
+    assert "_static/../mathjax/tex-mml-chtml.js" in index and "cdn.jsdelivr" not in index
+    assert (smoke_book / "html" / "mathjax" / "tex-mml-chtml.js").exists()
 
 
 def test_rebuild_reuses_every_cached_result(smoke_book: Path, monkeypatch: pytest.MonkeyPatch) -> None:
