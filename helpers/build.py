@@ -370,6 +370,7 @@ def build_html(profile: str = "default", *, build_dir: Path | None = None, root:
             raise BuildError(f"jupyter-book build failed ({len(problems)} warning/error line(s); full log {log}): "
                              f"{detail}")
         _replace_dir(stage / "_build" / "html", build_dir / "html")
+        (build_dir / "jupyter-book.log").unlink(missing_ok=True)  # a failed build's log is stale now
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     index = build_dir / "html" / "index.html"

@@ -150,7 +150,7 @@ def predict_removal(
 
     Args:
         train, test: ``(x, y)`` pairs. l2: λ of the training objective. loss: ``"cross_entropy"`` | ``"mse"``.
-        method, damping, **solver_options: passed to :func:`helpers.solvers.solve`.
+        method, damping, solver_options: passed to :func:`helpers.solvers.solve`.
         hessian: ``"hessian"`` (exact) or ``"gauss_newton"``.
         include_l2_in_hessian: ``False`` reproduces the seed paper's last-layer Hessian without λI
             (STUDY.md §3 item 5: exactly singular — pair it with ``method="pinv"``).

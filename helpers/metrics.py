@@ -11,7 +11,7 @@ NaN with a warning).
 * :func:`bootstrap_ci`: paired bootstrap intervals (BCa by default) from ``scipy.stats.bootstrap``.
 * :func:`summarize`: all of them with intervals, as one flat dict (a row of a results table).
 * :func:`noise_ceiling`: the best correlation any estimator can reach against a seed-noisy ground truth.
-* :func:`mean_abs_vs_signed`: how averaging |ρ| (as the paper's figures do) inflates agreement.
+* :func:`mean_abs_vs_signed`: how averaging ``|ρ|`` (as the paper's figures do) inflates agreement.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def sign_agreement(a: ArrayLike, b: ArrayLike) -> float:
 def top_k_overlap(a: ArrayLike, b: ArrayLike, k: int) -> float:
     """``|top_k(|a|) ∩ top_k(|b|)| / k`` in [0, 1]: do the two agree on which k points matter most?
 
-    Ties in |value| are broken by position (a stable sort), so the result is deterministic. O(n log n).
+    Ties in ``|value|`` are broken by position (a stable sort), so the result is deterministic. O(n log n).
     """
     x, y = _pair(a, b, min_n=1)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= x.size:
@@ -315,11 +315,11 @@ def noise_ceiling(delta_true: ArrayLike) -> NoiseCeiling:
 
 
 def mean_abs_vs_signed(rhos: ArrayLike) -> dict[str, float]:
-    """How averaging |ρ| over repetitions (the paper's figures) inflates agreement.
+    """How averaging ``|ρ|`` over repetitions (the paper's figures) inflates agreement.
 
     Returns ``{"mean_signed", "mean_abs", "inflation" (= mean_abs − mean_signed ≥ 0), "fraction_negative",
-    "n"}``. With correlations scattered around zero, mean |ρ| is clearly positive while the signed mean is ~0:
-    e.g. ρ ∈ {0.5, −0.5} gives mean |ρ| = 0.5, mean ρ = 0.
+    "n"}``. With correlations scattered around zero, mean ``|ρ|`` is clearly positive while the signed mean is ~0:
+    e.g. ρ ∈ {0.5, −0.5} gives mean ``|ρ|`` = 0.5, mean ρ = 0.
     """
     r = _as_1d(rhos, "rhos")
     if r.size == 0:

@@ -69,6 +69,14 @@ def test_smoke_book_renders_intro_with_figure_and_numbers(smoke_book: Path) -> N
     assert (smoke_book / "html" / "mathjax" / "tex-mml-chtml.js").exists()
 
 
+def test_smoke_book_has_api_reference_and_bibliography(smoke_book: Path) -> None:
+    api = (smoke_book / "html" / "book" / "api.html").read_text()
+    for name in ("predict_removal", "warm_start", "hessian_operator", "memoize", "Recipe"):
+        assert f'id="helpers.' in api and name in api, f"API page lacks {name}"
+    bib = (smoke_book / "html" / "book" / "references.html").read_text()
+    assert "Understanding Black-box Predictions via Influence Functions" in bib
+
+
 def test_rebuild_reuses_every_cached_result(smoke_book: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second run with nothing changed only hits; a changed parameter misses."""
     monkeypatch.delenv("BOOK_CACHE_DIR", raising=False)
