@@ -7,7 +7,7 @@ PROFILE ?= default
 CH      ?=
 ARGS    ?=
 
-.PHONY: book test chapter html bench clean venv
+.PHONY: book test chapter html bench clean venv browser
 
 venv: $(STAMP)
 
@@ -31,9 +31,19 @@ chapter: $(STAMP)
 html: $(STAMP)
 	$(PY) -m helpers.build html --profile $(PROFILE)
 
-## make test: unit tests, every chapter in the smoke profile, and a smoke build of the book
-test: $(STAMP)
+## make test: unit tests, every chapter in the smoke profile, a smoke build of the book, and a browser check
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# Headless Chromium for tests/test_browser.py: Debian's package, installed when absent and we are root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing Debian's chromium for the browser test"; \
+	      (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	       { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) || \
+	      echo "warning: could not install chromium; tests/test_browser.py will say how"; \
+	    else echo "note: chromium is missing; install it with: sudo apt-get install -y chromium"; fi; }
 
 clean:
 	rm -rf _build

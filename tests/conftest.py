@@ -8,6 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from helpers import build
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -66,3 +68,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole book built once per test session in the smoke profile, into a fresh folder and cache."""
+    out = tmp_path_factory.mktemp("smoke_build")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("BOOK_CACHE_DIR", raising=False)
+    mp.delenv("BOOK_CACHE", raising=False)
+    try:
+        build.build_book("smoke", build_dir=out, quiet=True)
+    finally:
+        mp.undo()
+    return out

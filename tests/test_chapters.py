@@ -31,20 +31,6 @@ def check_intro(r: dict[str, Any]) -> None:
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"intro": check_intro}
 
 
-@pytest.fixture(scope="session")
-def smoke_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The whole book built in the smoke profile into a fresh folder (fresh cache too)."""
-    out = tmp_path_factory.mktemp("smoke_build")
-    mp = pytest.MonkeyPatch()
-    mp.delenv("BOOK_CACHE_DIR", raising=False)
-    mp.delenv("BOOK_CACHE", raising=False)
-    try:
-        build.build_book("smoke", build_dir=out, quiet=True)
-    finally:
-        mp.undo()
-    return out
-
-
 def test_every_chapter_has_a_check() -> None:
     assert set(CHECKS) == set(CHAPTERS), "add a records check for every chapter in _toc.yml"
 
