@@ -17,6 +17,7 @@ flattens per-sample gradients the same way.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -179,6 +180,8 @@ class CurvatureOperator:
         self._calls = 0
         self._upgrade: Callable[[], Callable[[Tensor], Tensor]] | None = None  # a faster product, built lazily
         self._upgrade_after = 0
+        # builds the same operator in another dtype (set by the constructors that know how; see astype)
+        self._rebuild: Callable[[torch.dtype], "CurvatureOperator"] | None = None
 
     @classmethod
     def from_matrix(cls, matrix: Tensor) -> "CurvatureOperator":
@@ -188,7 +191,9 @@ class CurvatureOperator:
         if not torch.isfinite(matrix).all():
             raise ValueError("matrix holds non-finite values")
         m = matrix.detach()
-        return cls(lambda v: m @ v, {"x": m[0]}, kind="matrix", matrix=m)
+        op = cls(lambda v: m @ v, {"x": m[0]}, kind="matrix", matrix=m)
+        op._rebuild = lambda dtype: cls.from_matrix(m.to(dtype))
+        return op
 
     def __repr__(self) -> str:
         return f"CurvatureOperator(kind={self.kind!r}, dim={self.dim}, dtype={self.dtype}, names={self.names})"
@@ -268,6 +273,49 @@ class CurvatureOperator:
             return self._matrix.clone()
         return self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device), chunk_size=chunk_size)
 
+    def astype(self, dtype: torch.dtype) -> "CurvatureOperator":
+        """The same matrix as an operator in another floating dtype (model, data and θ̂ cast; a fresh counter).
+
+        Used for mixed-precision solves (``solve(..., method="cg", low_precision=torch.float32)``): products in
+        float32 cost about half as much on a CPU. Available for operators from :func:`hessian_operator` and
+        :meth:`from_matrix`; a subclass with its own product overrides this method (or passes the low-precision
+        operator to the solver itself). Cost: the constructor's (one forward pass for a model).
+        """
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        if dtype == self.dtype:
+            return self
+        if self._rebuild is not None:
+            return self._rebuild(dtype)
+        return self._cast_copy(dtype)
+
+    def _cast_copy(self, dtype: torch.dtype) -> "CurvatureOperator":
+        """Fallback of :meth:`astype` for subclasses whose product is a method reading tensors from attributes
+        (e.g. :class:`helpers.convex.SoftmaxRegressionOperator`): a shallow copy with every floating tensor
+        attribute cast and the product re-bound to the copy — then checked on one probe vector, so that a product
+        that keeps tensors elsewhere (a closure) is refused instead of silently computing in the old dtype."""
+        bound = getattr(self._apply, "__self__", None) is self
+        if not bound:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot rebuild itself in {dtype}: build the low-precision operator "
+                "yourself (same matrix, other dtype) and pass it, e.g. solve(..., low_precision=op32)"
+            )
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                setattr(new, name, value.to(dtype))
+        new._apply = getattr(new, self._apply.__func__.__name__)
+        new.dtype, new.applications, new._calls = dtype, 0, 0
+        probe = torch.ones(self.dim, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            out = new._apply(probe)
+        if out.dtype != dtype:
+            raise NotImplementedError(
+                f"{type(self).__name__}'s product does not follow a cast of its attributes (it returned {out.dtype}): "
+                "build the low-precision operator yourself and pass it, e.g. solve(..., low_precision=op32)"
+            )
+        return new
+
     def to_scipy(self) -> spla.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` in float64 numpy (for eigsh, cg, ...), symmetric.
 
@@ -343,6 +391,17 @@ def hessian_operator(
         op._apply = plain
         if linearize is None:
             op._upgrade, op._upgrade_after = traced, LINEARIZE_AFTER
+
+    def rebuild(dtype: torch.dtype) -> CurvatureOperator:
+        # a cast copy of the module, so that its frozen parameters and buffers match the cast params (check_problem)
+        cast = copy.deepcopy(model).to(dtype)
+        x_cast = x.to(dtype) if x.is_floating_point() else x
+        y_cast = y.to(dtype) if (loss == "mse" and y.is_floating_point()) else y
+        w_cast = None if weights is None else weights.to(dtype)
+        return hessian_operator(cast, {k: v.to(dtype) for k, v in params.items()}, x_cast, y_cast, weights=w_cast,
+                                l2=l2, loss=loss, kind=kind, chunk_size=chunk_size, linearize=linearize)
+
+    op._rebuild = rebuild
     return op
 
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad, jvp, vmap
 
 from helpers.curvature import CurvatureKind, check_problem, hessian_operator
 from helpers.objective import LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
 
-__all__ = ["InfluenceResult", "per_sample_grads", "predict_param_change", "predict_removal"]
+__all__ = ["InfluenceResult", "directional_derivatives", "per_sample_grads", "predict_param_change", "predict_removal"]
 
 
 def per_sample_grads(
@@ -68,6 +68,60 @@ def per_sample_grads(
             "row's features and label and the model's weights"
         )
     return flat
+
+
+def directional_derivatives(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    V: Tensor,
+    loss: LossName = "cross_entropy",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """∇ℓ(z_i, θ)ᵀ v_j for every row i and every column v_j of ``V``: ``[k, n]`` — i.e. (G Vᵀ)ᵀ without forming G.
+
+    ``V`` is ``[d, k]`` in the flat ``params``-dict order (as :func:`per_sample_grads`' columns). Computed as k
+    forward-mode derivatives of the per-sample losses along v_j (``vmap`` of ``jvp``): cost about k forward passes
+    with tangents over the n rows (``chunk_size`` columns at a time bounds memory), memory k·n plus activations
+    — never the [n, d] gradient matrix, which for an MLP on a few thousand points is gigabytes.
+
+    Raises:
+        ValueError naming the first row whose derivative is non-finite (as :func:`per_sample_grads` does).
+    """
+    check_problem(model, params, x, y, loss=loss, what="data")
+    params = {k: v.detach() for k, v in params.items()}
+    names = list(params)
+    sizes = [p.numel() for p in params.values()]
+    d = sum(sizes)
+    if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] != d:
+        raise ValueError(f"V must be [d, k] = [{d}, k] in the params' flat order, got "
+                         f"{tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__}")
+    first = next(iter(params.values()))
+    if V.dtype != first.dtype or V.device != first.device:
+        raise TypeError(f"V is {V.dtype} on {V.device} but params are {first.dtype} on {first.device}: cast V")
+
+    def unflat(flat: Tensor) -> dict[str, Tensor]:
+        return {n: t.view(params[n].shape) for n, t in zip(names, torch.split(flat, sizes))}
+
+    theta = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def losses(flat: Tensor) -> Tensor:
+        return per_sample_losses(model, unflat(flat), x, y, loss)
+
+    def along(v: Tensor) -> Tensor:
+        return jvp(losses, (theta,), (v,))[1]
+
+    with torch.no_grad():  # jvp differentiates in θ only; the module's own tensors stay untracked
+        out = vmap(along, in_dims=1, chunk_size=chunk_size)(V)  # [k, n]
+    finite = torch.isfinite(out.sum(dim=0))
+    if not bool(finite.all()):
+        i = int(torch.nonzero(~finite)[0])
+        raise ValueError(
+            f"{int((~finite).sum())} per-sample directional derivatives are non-finite (first: row {i}): check that "
+            "row's features and label and the model's weights"
+        )
+    return out
 
 
 @dataclass
@@ -155,18 +209,19 @@ def predict_removal(
         include_l2_in_hessian: ``False`` reproduces the seed paper's last-layer Hessian without λI
             (STUDY.md §3 item 5: exactly singular — pair it with ``method="pinv"``).
 
-    Cost: n_train + n_test per-sample gradients (one vmapped pass each), one solve with only n_test right-hand
-    sides (H is symmetric, so g_testᵀ H⁻¹ g_i = (H⁻¹ g_test)ᵀ g_i: solving for the few test gradients instead of
-    the many training gradients), then one [n_test, d] × [d, n_train] product. Memory: (n_train + n_test)·d.
+    Cost: n_test per-sample gradients, one solve with only n_test right-hand sides (H is symmetric, so
+    g_testᵀ H⁻¹ g_i = (H⁻¹ g_test)ᵀ g_i: solving for the few test gradients instead of the many training
+    gradients), then g_iᵀ v_t for every training point as n_test forward-mode directional derivatives of the
+    per-sample training losses (:func:`directional_derivatives`) — about n_test forward passes over the training
+    set, never the [n_train, d] matrix of training gradients. Memory: n_test·d plus activations.
     """
     if not isinstance(test, (tuple, list)) or len(test) != 2:
         raise TypeError("test must be a pair (x_test, y_test)")
     P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
     check_problem(model, P, test[0], test[1], loss=loss, what="test")
     g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
-    g_train = per_sample_grads(model, P, train[0], train[1], loss)  # [n_train, d]
     result = solve(op, g_test.T.contiguous(), method=method, damping=damping, **solver_options)  # x: [d, n_test]
-    values = (result.x.T @ g_train.T) * w[None, :]
+    values = directional_derivatives(model, P, train[0], train[1], result.x, loss) * w[None, :]
     return InfluenceResult(
         values=values,
         solve=result,

@@ -213,3 +213,40 @@ def test_bad_inputs_raise_clear_errors():
         op.matvec(torch.zeros(op.dim + 1, dtype=DT))
     with pytest.raises(ValueError, match="which"):
         extreme_eigenvalues(op, 1, "BE")
+
+
+def test_astype_rebuilds_the_same_matrix_in_another_dtype():
+    model, x, y = make_problem(seed=3)
+    P = model_params(model, param_names(model, "last"))
+    w = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(4), dtype=DT)
+    op = hessian_operator(model, P, x, y, weights=w, l2=0.02)
+    op32 = op.astype(torch.float32)
+    assert op32.dtype == torch.float32 and op32.dim == op.dim and op32.names == op.names
+    assert op.astype(DT) is op
+    H = op.dense()
+    assert rel(op32.dense().double(), H) < 1e-5  # float32 rounding only: same weights, λ, subset, data
+    assert next(model.parameters()).dtype == DT  # the caller's module is untouched (a cast copy is used)
+    M = CurvatureOperator.from_matrix(H).astype(torch.float32)
+    assert M.kind == "matrix" and torch.equal(M.dense(), H.float())
+    with pytest.raises(TypeError, match="floating torch dtype"):
+        op.astype(torch.int64)
+
+
+def test_astype_casts_attribute_based_subclasses_and_refuses_closures():
+    class Diag(CurvatureOperator):  # product reads its tensor from an attribute, like convex's closed form
+        def __init__(self, d: torch.Tensor) -> None:
+            self._d = d
+            super().__init__(self._product, {"x": d}, kind="hessian")
+
+        def _product(self, v: torch.Tensor) -> torch.Tensor:
+            return self._d * v
+
+    d = torch.linspace(1, 2, 5, dtype=DT)
+    op = Diag(d)
+    op32 = op.astype(torch.float32)
+    v = torch.arange(5, dtype=torch.float32)
+    assert op32.matvec(v).dtype == torch.float32 and torch.equal(op32.matvec(v), d.float() * v)
+    assert op._d.dtype == DT and op.matvec(v.double()).dtype == DT  # the original is unchanged
+    closure = CurvatureOperator(lambda u: d * u.double(), {"x": d}, kind="hessian")
+    with pytest.raises(NotImplementedError, match="low_precision=op32"):
+        closure.astype(torch.float32)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import grad, hessian, vmap
 
-from helpers.influence import per_sample_grads, predict_param_change, predict_removal
+from helpers.influence import directional_derivatives, per_sample_grads, predict_param_change, predict_removal
 from helpers.objective import model_params, objective, param_names, per_sample_losses, removal_weights
 from tiny_models import TinyMLP
 
@@ -244,3 +244,29 @@ def test_non_finite_gradient_names_the_row():
     y = torch.tensor([0, 1, 2, 0, 1])
     with pytest.raises(ValueError, match="row 3"):
         per_sample_grads(SqrtModel(), model_params(SqrtModel()), x, y)
+
+
+@pytest.mark.parametrize("which, loss", [("all", "cross_entropy"), ("last", "mse")])
+def test_directional_derivatives_equal_gradients_times_vectors(which, loss):
+    torch.manual_seed(17)
+    model = TinyMLP().to(DT)
+    x, y = data(15, seed=18)
+    if loss == "mse":
+        y = torch.randn(15, 3, generator=torch.Generator().manual_seed(19), dtype=DT)
+    names = param_names(model, which)
+    P = model_params(model, names)
+    G = loop_grads(model, names, x, y, loss)  # [n, d], an independent autograd loop
+    V = torch.randn(G.shape[1], 4, generator=torch.Generator().manual_seed(20), dtype=DT)
+    out = directional_derivatives(model, P, x, y, V, loss)
+    assert out.shape == (4, 15)
+    torch.testing.assert_close(out, (G @ V).T, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(directional_derivatives(model, P, x, y, V, loss, chunk_size=3), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="V must be"):
+        directional_derivatives(model, P, x, y, V[:-1], loss)
+    with pytest.raises(TypeError, match="cast V"):
+        directional_derivatives(model, P, x, y, V.float(), loss)
+    xz = torch.rand(5, 3, generator=torch.Generator().manual_seed(21), dtype=DT) + 0.1
+    xz[2] = 0.0
+    with pytest.raises(ValueError, match="row 2"):
+        directional_derivatives(SqrtModel(), model_params(SqrtModel()), xz, torch.tensor([0, 1, 2, 0, 1]),
+                                torch.ones(1, 1, dtype=DT))

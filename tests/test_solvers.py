@@ -259,3 +259,90 @@ def test_dense_matrix_input_is_accepted():
     res = solve(A, b, method="cg")
     assert torch.allclose(res.x, torch.linalg.solve(A, b), rtol=1e-10)
     assert isinstance(CurvatureOperator.from_matrix(A), CurvatureOperator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block CG, preconditioning, mixed-precision refinement (issue 7: speed at unchanged accuracy)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def spread_spectrum(d: int = 60, seed: int = 0) -> torch.Tensor:
+    """SPD matrix with eigenvalues 1e-2 … 1e2 spread log-uniformly: plain CG needs many steps."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))
+    return (Q * torch.logspace(-2, 2, d, dtype=DT)) @ Q.T
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_block_cg_reaches_the_direct_answer_in_fewer_steps(damping):
+    A = spread_spectrum()
+    B = rhs(A.shape[0], k=6)
+    X_ref = torch.linalg.solve(A + damping * torch.eye(A.shape[0], dtype=DT), B)
+    cond = float(torch.linalg.cond(A + damping * torch.eye(A.shape[0], dtype=DT)))
+    plain = solve(A, B, method="cg", damping=damping, rtol=1e-10)
+    block = solve(A, B, method="cg", damping=damping, rtol=1e-10, block=True)
+    assert block.method == "block-cg" and all(block.info["converged"].tolist())
+    assert block.max_relative_residual <= 1e-10 * 1.01  # the true residual, recomputed by solve
+    assert float(rel_err(block.x, X_ref).max()) <= 1e-10 * cond
+    # the k columns share one Krylov space: fewer steps than column-wise CG (and never more than d / k + slack)
+    assert block.iterations < plain.iterations
+    assert sum(block.info["block_sizes"]) == block.info["hvps"]
+
+
+def test_block_cg_with_dependent_columns_drops_them_instead_of_breaking_down():
+    A = spread_spectrum(d=30)
+    b = rhs(30, k=2)
+    B = torch.cat([b, b[:, :1] * 3.0, b.sum(1, keepdim=True)], dim=1)  # rank 2, four columns
+    res = solve(A, B, method="cg", rtol=1e-11, block=True)
+    assert res.info["block_sizes"][0] == 2  # the dependent directions never enter the search block
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, B), rtol=1e-8, atol=1e-12)
+    zero = solve(A, torch.zeros(30, 3, dtype=DT), method="cg", block=True)  # nothing to solve: X = 0, no products
+    assert zero.iterations == 0 and float(zero.x.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_preconditioned_cg_is_exact_and_an_exact_preconditioner_converges_at_once(block):
+    A = spread_spectrum()
+    B = rhs(A.shape[0], k=3)
+    X_ref = torch.linalg.solve(A, B)
+    jacobi = torch.diagonal(A)
+    res = solve(A, B, method="cg", rtol=1e-10, block=block, preconditioner=lambda R: R / jacobi[:, None])
+    assert res.max_relative_residual <= 1e-10 * 1.01
+    assert res.info["preconditioned"] and float(rel_err(res.x, X_ref).max()) < 1e-7
+    Ainv = torch.linalg.inv(A)
+    once = solve(A, B, method="cg", rtol=1e-9, block=block, preconditioner=lambda R: Ainv @ R)
+    assert once.iterations == 1 and once.max_relative_residual < 1e-9
+    with pytest.raises(ValueError, match="preconditioner must map"):
+        solve(A, B, method="cg", block=block, preconditioner=lambda R: R[:, :1])
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_mixed_precision_refinement_reaches_the_float64_tolerance(block):
+    _, _, _, _, op = logistic_problem(seed=3, n=60)
+    B = rhs(op.dim, k=3)
+    damping = 0.01
+    H = dense(op)
+    X_ref = torch.linalg.solve(H + damping * torch.eye(op.dim, dtype=DT), B)
+    res = solve(op, B, method="cg", damping=damping, rtol=1e-12, block=block, low_precision=torch.float32)
+    assert res.method == "cg+refine" and res.x.dtype == DT
+    # float32 products could never give 1e-12 on their own: the float64 residuals of the refinement do
+    assert res.max_relative_residual <= 1e-12
+    assert float(rel_err(res.x, X_ref).max()) < 1e-10
+    assert res.info["refinements"] >= 2 and res.info["low_precision_products"] > res.info["hvps"]
+    assert res.info["low_precision_dtype"] == "torch.float32"
+    # the same with an operator given explicitly (the same matrix in float32)
+    op32 = CurvatureOperator.from_matrix(H.float())
+    res2 = solve(op, B, method="cg", damping=damping, rtol=1e-12, low_precision=op32, inner_rtol=1e-3)
+    assert res2.max_relative_residual <= 1e-12
+
+
+def test_mixed_precision_refuses_what_float32_cannot_resolve():
+    d = 40
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(4), dtype=DT))
+    A = (Q * torch.logspace(-9, 0, d, dtype=DT)) @ Q.T  # κ = 1e9 ≫ 1 / float32 eps
+    with pytest.raises(FloatingPointError, match="too ill-conditioned for torch.float32"):
+        solve(A, rhs(d, k=2), method="cg", rtol=1e-12, low_precision=torch.float32, maxiter=400)
+    with pytest.raises(ValueError, match="inner_rtol"):
+        solve(A, rhs(d, k=2), method="cg", low_precision=torch.float32, inner_rtol=2.0)
+    with pytest.raises(ValueError, match="low_precision must be"):
+        solve(A, rhs(d, k=2), method="cg", low_precision=CurvatureOperator.from_matrix(A[:5, :5].float()))

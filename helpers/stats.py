@@ -1,0 +1,144 @@
+"""Tests across settings and intervals over repetitions: thin wrappers over :mod:`scipy.stats` (chapter 2).
+
+* :func:`mean_ci` — the mean of a sample of per-run values (e.g. 50 Spearman correlations) with a bootstrap
+  confidence interval (``scipy.stats.bootstrap``), the error bar of every bar in the book's figures.
+* :func:`one_way` — one-way ANOVA (``scipy.stats.f_oneway``) and Kruskal–Wallis (``scipy.stats.kruskal``)
+  across groups, with their effect sizes η² and ε².
+* :func:`one_way_table` — :func:`one_way` for every slice of a tidy table (e.g. across depths, per regime).
+
+Effect sizes (both in [0, 1], the share of variation explained by the grouping):
+
+    η²  = SS_between / SS_total                                       (ANOVA)
+    ε²  = H / ((N² − 1) / (N + 1)) = H / (N − 1)                     (Kruskal–Wallis; Tomczak & Tomczak 2014)
+
+with N the total number of observations and H the Kruskal–Wallis statistic.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.stats as st
+
+__all__ = ["OneWay", "mean_ci", "one_way", "one_way_table"]
+
+
+def _values(values: Any, name: str = "values") -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} holds NaN or infinity ({int((~np.isfinite(a)).sum())} of {a.size}): drop the "
+                         "undefined runs first and report how many were dropped")
+    return a
+
+
+def mean_ci(values: Any, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+            method: str = "percentile") -> tuple[float, float, float]:
+    """``(mean, low, high)``: the sample mean and its bootstrap confidence interval.
+
+    Args:
+        values: 1-D per-run values (numpy, torch or a sequence), finite.
+        confidence: two-sided level (0.95 gives the 95 % intervals the paper's figures show).
+        n_resamples: bootstrap resamples (``scipy.stats.bootstrap``).
+        seed: seeds the resampling, so an interval is reproducible.
+        method: ``"percentile"`` (default: the paper's "95 % bootstrap CI"), ``"BCa"`` or ``"basic"``.
+
+    A single value gives a zero-width interval; identical values too (every resample has the same mean).
+    Cost: ``n_resamples`` means of the sample, vectorised.
+    """
+    a = _values(values)
+    if a.size == 0:
+        raise ValueError("mean_ci got no values: there is nothing to average")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    mean = float(a.mean())
+    if a.size == 1 or np.ptp(a) == 0:
+        return mean, mean, mean
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate resamples are handled below, never silently
+        res = st.bootstrap((a,), np.mean, confidence_level=confidence, n_resamples=int(n_resamples),
+                           method=method, rng=np.random.default_rng(seed), vectorized=True)
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"the bootstrap interval of the mean is undefined for these {a.size} values: use "
+                         "method='percentile' or more repetitions")
+    return mean, low, high
+
+
+@dataclass(frozen=True)
+class OneWay:
+    """A one-way comparison of k groups.
+
+    Attributes:
+        k, n: number of groups and of observations.
+        anova_f, anova_p, eta_sq: ANOVA F statistic, p-value and η² (share of the sum of squares between groups).
+        kruskal_h, kruskal_p, epsilon_sq: Kruskal–Wallis H, p-value and ε² (rank-based effect size).
+    """
+
+    k: int
+    n: int
+    anova_f: float
+    anova_p: float
+    eta_sq: float
+    kruskal_h: float
+    kruskal_p: float
+    epsilon_sq: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def one_way(groups: Sequence[Any]) -> OneWay:
+    """ANOVA and Kruskal–Wallis across ``groups`` (each a 1-D array of per-run values), with effect sizes.
+
+    Raises ValueError for fewer than two groups, a group with fewer than two values, non-finite values, or
+    data that are constant overall (both tests are undefined then). Cost: O(N log N) for the ranks.
+    """
+    arrays = [_values(g, f"group {i}") for i, g in enumerate(groups)]
+    if len(arrays) < 2:
+        raise ValueError(f"one_way needs at least two groups, got {len(arrays)}")
+    small = [i for i, a in enumerate(arrays) if a.size < 2]
+    if small:
+        raise ValueError(f"groups {small} have fewer than two values: ANOVA needs a within-group variance")
+    pooled = np.concatenate(arrays)
+    if np.ptp(pooled) == 0:
+        raise ValueError("every value is the same: there is no variation to test")
+    n = pooled.size
+    f = st.f_oneway(*arrays)
+    grand = pooled.mean()
+    ss_between = sum(a.size * (a.mean() - grand) ** 2 for a in arrays)
+    ss_total = float(((pooled - grand) ** 2).sum())
+    h = st.kruskal(*arrays)
+    return OneWay(k=len(arrays), n=n, anova_f=float(f.statistic), anova_p=float(f.pvalue),
+                  eta_sq=float(ss_between / ss_total), kruskal_h=float(h.statistic), kruskal_p=float(h.pvalue),
+                  epsilon_sq=float(h.statistic / (n - 1)))
+
+
+def one_way_table(frame: pd.DataFrame, value: str, group: str, by: Sequence[str]) -> pd.DataFrame:
+    """:func:`one_way` of ``frame[value]`` across the levels of ``group``, for every combination of ``by``.
+
+    Example: ``one_way_table(runs, "abs_spearman", "value", ["sweep", "regime"])`` tests the depth (and width)
+    effect separately per regime. Rows with NaN in ``value`` are dropped (and counted in ``n_dropped``); a slice
+    with fewer than two groups has nothing to compare and is left out of the table.
+    Returns one row per slice: the ``by`` columns, ``value`` (the tested column's name) and the
+    :class:`OneWay` fields.
+    """
+    missing = [c for c in [value, group, *by] if c not in frame.columns]
+    if missing:
+        raise KeyError(f"frame lacks columns {missing}; it has {list(frame.columns)}")
+    rows = []
+    for key, part in frame.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        clean = part.dropna(subset=[value])
+        arrays = [g[value].to_numpy() for _, g in clean.groupby(group, sort=True)]
+        if len(arrays) < 2:
+            continue
+        result = one_way(arrays)
+        rows.append({**dict(zip(by, key)), "value": value, "n_dropped": int(len(part) - len(clean)),
+                     **result.as_dict()})
+    return pd.DataFrame(rows)

@@ -1,0 +1,910 @@
+"""The validation procedure on trial (chapter 3): one model, one estimate, many ways of checking it.
+
+Everything here holds the trained model θ̂ and the influence estimate fixed and varies only what the estimate is
+compared with and how (STUDY.md §3–§4.3):
+
+* **set-up** — :func:`test_points` (max / median / random test loss), :func:`select_candidates` (by training
+  loss, by |estimate|, at random), :func:`last_layer_problem` (the last layer as a model of its own on cached
+  features: last-layer estimates and retraining at the cost of a logistic regression), :func:`pool_images`;
+* **retraining trajectories** — :func:`warm_trajectory` records every member's test loss during warm-start
+  retraining (the paper's Fig. 5, and a sweep of retraining lengths from one run);
+* **agreement** — :func:`agreement` / :func:`agreement_table`: every metric of :mod:`helpers.metrics` with its
+  bootstrap interval, signed and absolute; :func:`noise_summary`: drift, seed noise and the reliability ceiling
+  of a ground truth;
+* **single-point effects against n** — :func:`single_point_scaling`, :func:`loglog_slope`;
+* **the shuffled-index pitfall** — :class:`IndexedDataset`, :func:`loader_influence`: influence collected
+  through a shuffled ``DataLoader``, with and without the dataset index carried along;
+* **repetitions for statistics** — :func:`depth_runs`: the Iris depth sweep's per-run signed correlations, for
+  the tests of :mod:`helpers.paper_data`.
+
+Conventions are the book's (STUDY.md §1): Δ in loss units (nats), ``[n_test, n_removed]``, positive = removing
+the point raised the test loss. Expensive results are memoised with :mod:`helpers.cache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.stats as st
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from helpers import metrics
+from helpers.cache import memoize
+from helpers.influence import per_sample_grads, predict_removal
+from helpers.models import logistic_regression
+from helpers.objective import param_names, per_sample_losses, removal_weights
+from helpers.retrain import GroundTruth
+from helpers.train import Recipe, fit, fit_ensemble, model_with, weighted_objective
+
+Data = tuple[Tensor, Tensor]
+Rule = Literal["loss", "estimate", "random"]
+
+CANDIDATE_RULES: tuple[str, ...] = ("loss", "estimate", "random")
+TEST_RULES: tuple[str, ...] = ("max", "median", "random")
+#: the metrics :func:`agreement` reports, in table order
+AGREEMENT_METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall", "sign_agreement", "top_k_overlap",
+                                      "relative_error")
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def pool_images(x: Tensor, factor: int, channels: int = 1) -> Tensor:
+    """Average-pool square images by ``factor`` (28×28 → 14×14 for 2): ``[n, C, H, W]`` or flattened ``[n, C·H·W]``
+    in, ``[n, C, H/f, W/f]`` out. Used to keep the chapter's CNN cheap on a CPU; factor 1 returns ``x`` as images.
+    """
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    if x.dim() == 2:
+        side = math.isqrt(x.shape[1] // channels)
+        if channels * side * side != x.shape[1]:
+            raise ValueError(f"cannot read {x.shape[1]} features as {channels} square image(s): pass [n, C, H, W]")
+        x = x.reshape(x.shape[0], channels, side, side)
+    if x.dim() != 4:
+        raise ValueError(f"expected images [n, C, H, W] or flattened [n, C·H·W], got {tuple(x.shape)}")
+    if x.shape[-1] % factor or x.shape[-2] % factor:
+        raise ValueError(f"image side {tuple(x.shape[-2:])} is not divisible by factor {factor}")
+    return x if factor == 1 else F.avg_pool2d(x, factor)
+
+
+def penultimate(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """The input of ``model.last_layer`` for every row of ``x``: ``[n, d_last]`` (no gradient).
+
+    Read with a forward hook, so it works for any model of :mod:`helpers.models`. Cost: one forward pass.
+    """
+    last = getattr(model, "last_layer", None)
+    if last is None:
+        raise AttributeError(f"{type(model).__name__} has no `last_layer`: see helpers.objective.param_names")
+    store: list[Tensor] = []
+    handle = last.register_forward_hook(lambda mod, inp, out: store.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            for s in range(0, x.shape[0], batch_size):
+                model(x[s:s + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(store) if store else x.new_zeros((0, last.in_features))
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The model's last layer as a stand-alone multinomial logistic regression (a copy of its weights).
+
+    ``head(penultimate(model, x))`` equals ``model(x)``; its parameters are ``linear.weight`` (and
+    ``linear.bias``), i.e. ``param_names(model, "last")`` in the same order.
+    """
+    last = model.last_layer
+    if not isinstance(last, nn.Linear):
+        raise TypeError(f"the last layer is a {type(last).__name__}, not nn.Linear: no logistic-regression head")
+    head = logistic_regression(last.in_features, last.out_features, bias=last.bias is not None,
+                               dtype=last.weight.dtype)
+    with torch.no_grad():
+        head.linear.weight.copy_(last.weight)
+        if last.bias is not None:
+            head.linear.bias.copy_(last.bias)
+    return head.to(last.weight.device)
+
+
+def last_layer_problem(model: nn.Module, train: Data, test: Data) -> tuple[nn.Module, Data, Data]:
+    """``(head, train_features, test_features)``: the last layer of ``model`` as a model of its own.
+
+    Everything about the last layer — its influence estimate, its warm-start retraining, its PBRF — is the same
+    computation on the head and cached features (the layers below are frozen), at the cost of a logistic
+    regression instead of a forward pass through the whole network per step.
+    """
+    return head_of(model), (penultimate(model, train[0]), train[1]), (penultimate(model, test[0]), test[1])
+
+
+def test_points(losses: Tensor | np.ndarray, seed: int = 0) -> dict[str, int]:
+    """Positions of the test points with the maximum and the median loss, and one drawn at random.
+
+    Args:
+        losses: ``[n_test]`` per-sample test losses under θ̂.
+        seed: draws the random one (``numpy.random.default_rng``), different from max and median when possible.
+
+    Returns:
+        ``{"max": i, "median": j, "random": r}`` (the median is the lower median for even n).
+    """
+    a = np.asarray(losses.detach().cpu() if isinstance(losses, Tensor) else losses, dtype=float).reshape(-1)
+    if a.size < 1 or not np.all(np.isfinite(a)):
+        raise ValueError("losses must be a non-empty vector of finite test losses")
+    order = np.argsort(a, kind="stable")
+    picks = {"max": int(order[-1]), "median": int(order[(a.size - 1) // 2])}
+    rest = [i for i in range(a.size) if i not in picks.values()] or list(range(a.size))
+    picks["random"] = int(np.random.default_rng(seed).choice(rest))
+    return picks
+
+
+def select_candidates(rule: Rule, k: int, *, estimate: Any = None, train_loss: Any = None, n: int | None = None,
+                      seed: int = 0) -> np.ndarray:
+    """Training indices to retrain without, by one of the selection rules the literature uses.
+
+    * ``"loss"``: the k points with the highest training loss (the seed paper's Iris rule);
+    * ``"estimate"``: the k points with the largest |estimate| (Koh & Liang; the paper's MNIST rule);
+    * ``"random"``: k points drawn uniformly without replacement (``seed``) — the only unbiased one.
+
+    Returns ``[k]`` int64 indices, the first rules in decreasing order of their score.
+    """
+    if rule not in CANDIDATE_RULES:
+        raise ValueError(f"unknown selection rule {rule!r}: use one of {CANDIDATE_RULES}")
+    score = {"loss": train_loss, "estimate": estimate, "random": None}[rule]
+    if rule != "random":
+        if score is None:
+            raise ValueError(f"rule {rule!r} needs {'train_loss' if rule == 'loss' else 'estimate'}=[n] values")
+        s = np.asarray(score.detach().cpu() if isinstance(score, Tensor) else score, dtype=float).reshape(-1)
+        size = s.size
+    else:
+        size = n if n is not None else next((np.asarray(v).size for v in (estimate, train_loss) if v is not None),
+                                            None)
+        if size is None:
+            raise ValueError("rule 'random' needs n (or an estimate / train_loss of length n)")
+    if not 1 <= k <= size:
+        raise ValueError(f"k must lie in [1, {size}], got {k}")
+    if rule == "random":
+        return np.sort(np.random.default_rng(seed).choice(size, size=k, replace=False)).astype(np.int64)
+    key = np.abs(s) if rule == "estimate" else s
+    return np.argsort(-key, kind="stable")[:k].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ the fixed problem
+
+
+@dataclass
+class Problem:
+    """A trained model, its test points and its influence estimates: what a chapter-3 trial holds fixed.
+
+    Attributes:
+        name: label for tables.
+        model: the module holding θ̂ (all parameters).
+        recipe: how θ̂ was trained (cold-start retraining repeats it).
+        train: ``(x, y)`` training data; test: ``(x, y)`` of the chosen test points, one row per name in
+            ``test_names`` (:data:`TEST_RULES` order: max, median, random test loss).
+        params: the estimate's parameter subset, ``"all"`` or ``"last"``.
+        estimate: ``[n_test, n_train]`` Δ_pred with the exact Hessian (L2 term included) + ``damping``·I.
+        estimate_gn: the same with the Gauss-Newton matrix + ``gn_damping``·I (the PBRF's counterpart).
+        train_loss: ``[n_train]`` ℓ(z_i, θ̂).
+        head, head_train, head_test: the last layer as a model on cached features (:func:`last_layer_problem`).
+        info: scalars worth reporting (gradient norm of θ̂, accuracies, smallest Hessian eigenvalue, ...).
+    """
+
+    name: str
+    model: nn.Module
+    recipe: Recipe
+    train: Data
+    test: Data
+    test_names: list[str]
+    params: str
+    damping: float
+    gn_damping: float
+    estimate: np.ndarray
+    estimate_gn: np.ndarray
+    train_loss: np.ndarray
+    head: nn.Module
+    head_train: Data
+    head_test: Data
+    info: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def l2(self) -> float:
+        """λ of the training objective."""
+        return float(self.recipe.weight_decay)
+
+    @property
+    def theta(self) -> dict[str, Tensor]:
+        """θ̂, all parameters (detached)."""
+        return {k: v.detach() for k, v in self.model.named_parameters()}
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train[0].shape[0])
+
+
+def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test: Data, *, params: str = "all",
+                 damping: float = 0.0, gn_damping: float = 0.0, seed: int = 0, cache: bool = True) -> Problem:
+    """Train θ̂ (``fit(recipe, model, *train, cache=cache)``), pick the test points, compute both estimates.
+
+    Test points: max / median / random loss under θ̂ among the rows of ``test`` (:func:`test_points`, ``seed``).
+    Estimates over ``params`` (``"all"``; ``"last"`` is computed on the head and cached features, identical to
+    ``predict_removal(model, params="last")`` and cheaper). The exact-Hessian estimate raises
+    :class:`helpers.solvers.IndefiniteHessianError` if H + δI is not positive definite: the message names the
+    smallest eigenvalue and the damping that fixes it.
+
+    Cost: one training run (memoised), two influence solves over ``params``.
+    """
+    if params not in ("all", "last"):
+        raise ValueError(f"params must be 'all' or 'last', got {params!r}")
+    fitted = fit(recipe, model, *train, progress=False, cache=cache)
+    trained = model_with(model, fitted.params)
+    xt, yt = test
+    with torch.no_grad():
+        tl = per_sample_losses(trained, dict(trained.named_parameters()), xt.to(recipe.torch_dtype), yt)
+        trl = per_sample_losses(trained, dict(trained.named_parameters()), train[0].to(recipe.torch_dtype), train[1])
+        acc_test = float((trained(xt.to(recipe.torch_dtype)).argmax(1) == yt).double().mean())
+        acc_train = float((trained(train[0].to(recipe.torch_dtype)).argmax(1) == train[1]).double().mean())
+    picks = test_points(tl, seed)
+    rows = torch.as_tensor([picks[r] for r in TEST_RULES])
+    chosen = (xt[rows].to(recipe.torch_dtype), yt[rows])
+    head, htrain, htest = last_layer_problem(trained, (train[0].to(recipe.torch_dtype), train[1]), chosen)
+    # The last layer is a small convex problem: estimates and retraining on it run in float64 whatever θ̂'s dtype.
+    head, htrain, htest = head.double(), (htrain[0].double(), htrain[1]), (htest[0].double(), htest[1])
+    target, tr, te = (trained, (train[0].to(recipe.torch_dtype), train[1]), chosen) if params == "all" else \
+        (head, htrain, htest)
+
+    def estimates() -> dict[str, Any]:
+        est = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=damping)
+        est_gn = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=gn_damping,
+                                 hessian="gauss_newton")
+        out = {"H": est.values.detach().double().numpy(), "GN": est_gn.values.detach().double().numpy(),
+               "d": int(est.solve.x.shape[0]), "residual": float(est.solve.relative_residual.max())}
+        if out["d"] <= 500:  # the curvature the estimate inverts: is θ̂ a minimum of it? (small d only)
+            from helpers.curvature import hessian_operator
+
+            P = {k: v.detach() for k, v in target.named_parameters()}
+            vals = torch.linalg.eigvalsh(hessian_operator(target, P, *tr, l2=recipe.weight_decay).dense())
+            out |= {"hessian_min_eig": float(vals[0]), "hessian_max_eig": float(vals[-1])}
+        return out
+
+    key = {"model": target, "train": list(tr), "test": list(te), "l2": recipe.weight_decay, "damping": damping,
+           "gn_damping": gn_damping}
+    ests = memoize("problem_estimates", key, estimates) if cache else estimates()
+    info = {"grad_norm": float(fitted.grad_norm), "train_loss": float(fitted.loss), "acc_train": acc_train,
+            "acc_test": acc_test, "n_params": float(sum(v.numel() for v in fitted.params.values())),
+            "n_params_estimate": float(ests["d"]), "residual": ests["residual"],
+            "test_loss_max": float(tl[picks["max"]])}
+    info |= {f"test_position_{r}": float(picks[r]) for r in TEST_RULES}
+    info |= {k: ests[k] for k in ("hessian_min_eig", "hessian_max_eig") if k in ests}
+    return Problem(name=name, model=trained, recipe=recipe, train=(train[0].to(recipe.torch_dtype), train[1]),
+                   test=chosen, test_names=list(TEST_RULES), params=params, damping=float(damping),
+                   gn_damping=float(gn_damping), estimate=ests["H"], estimate_gn=ests["GN"],
+                   train_loss=trl.detach().double().numpy(),
+                   head=head, head_train=htrain, head_test=htest, info=info)
+
+
+@dataclass(frozen=True)
+class Protocols:
+    """The ground truths compared side by side, as recipes.
+
+    Attributes:
+        warm: warm start on all layers (fresh optimizer from θ̂; the seed paper's Iris protocol); recorded every
+            ``every`` epochs, which is also the sweep of retraining lengths.
+        head: warm start on the last layer only (on cached features; the paper's MNIST protocol), recorded too.
+        pbrf: the optimiser of the PBRF (Newton for small models, Adam on a head), damping ``pbrf_damping``.
+        every, head_every: record the two warm starts every so many epochs.
+        seeds: cold-start seeds (θ̂'s own recipe from a fresh initialisation per seed), on the first ``cold_k``
+            candidates only (None: all) — the expensive one.
+    """
+
+    warm: Recipe
+    head: Recipe
+    pbrf: Recipe
+    pbrf_damping: float
+    seeds: tuple[int, ...]
+    every: int = 25
+    head_every: int = 25
+    cold_k: int | None = None
+
+
+def run_protocols(problem: Problem, removed: Sequence[int], protocols: Protocols, *,
+                  wide: Sequence[int] | None = None, wide_protocols: Sequence[str] = ("warm_last", "pbrf"),
+                  cache: bool = True) -> dict[str, Any]:
+    """Every ground truth of :class:`Protocols` for the same θ̂, test points and removed points.
+
+    Args:
+        removed: the candidates of the side-by-side comparison.
+        wide: a larger set of training indices (e.g. :func:`selection_pool`, or all points) for the protocols
+            named in ``wide_protocols`` — the cheap ones — so that selection rules can be compared on them.
+
+    Returns:
+        ``{"cold": GroundTruth, "warm_all": Trajectory, "warm_last": Trajectory, "pbrf": GroundTruth}`` with Δ for
+        every test point of the problem; cold start on ``removed[:cold_k]``. The PBRF runs over the estimate's
+        parameters (the head when ``problem.params == "last"``). Each run is memoised.
+    """
+    from helpers import retrain
+
+    removed = [int(i) for i in removed]
+    if wide is not None:
+        extra = sorted(set(int(i) for i in wide) - set(removed))
+        wide_list = removed + extra
+    bad = [p for p in wide_protocols if p not in ("warm_all", "warm_last", "pbrf")]
+    if bad:
+        raise ValueError(f"wide_protocols may name 'warm_all', 'warm_last', 'pbrf'; got {bad}")
+
+    def which(name: str) -> list[int]:
+        return wide_list if wide is not None and name in wide_protocols else removed
+
+    cold_removed = removed[:protocols.cold_k] if protocols.cold_k else removed
+    theta = problem.theta
+    out: dict[str, Any] = {}
+    out["cold"] = retrain.cold_start(problem.model, problem.train, problem.test, cold_removed, problem.recipe,
+                                     list(protocols.seeds), theta_hat=theta, progress=False, cache=cache)
+    out["warm_all"] = warm_trajectory(problem.model, theta, problem.train, problem.test, which("warm_all"),
+                                      protocols.warm, every=protocols.every, cache=cache)
+    out["warm_last"] = warm_trajectory(problem.head, None, problem.head_train, problem.head_test,
+                                       which("warm_last"), protocols.head, every=protocols.head_every, cache=cache)
+    target, tr, te = ((problem.model, problem.train, problem.test) if problem.params == "all"
+                      else (problem.head, problem.head_train, problem.head_test))
+    out["pbrf"] = retrain.pbrf(target, None, tr, te, which("pbrf"), protocols.pbrf.replace(
+        weight_decay=problem.l2), damping=protocols.pbrf_damping, progress=False, cache=cache)
+    return out
+
+
+def columns_of(removed: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
+    """Positions of ``candidates`` among a ground truth's ``removed`` indices (its Δ columns).
+
+    Raises:
+        ValueError: a candidate the ground truth did not retrain without.
+    """
+    where = {int(i): j for j, i in enumerate(np.asarray(removed).reshape(-1))}
+    missing = [int(i) for i in candidates if int(i) not in where]
+    if missing:
+        raise ValueError(f"the ground truth has no run without points {missing[:5]}: include them in its removed set")
+    return np.asarray([where[int(i)] for i in candidates], dtype=np.int64)
+
+
+def side_by_side(problem: Problem, truths: dict[str, Any], removed: Sequence[int], *, t: int = 0,
+                 lengths: Sequence[int] = (), n_resamples: int = 1000, seed: int = 0, k: int | None = None
+                 ) -> pd.DataFrame:
+    """The chapter's summary rows for one model: every ground truth against the same estimate, with its noise.
+
+    Ground truths (``ground_truth`` column), on the candidates ``removed`` (cold start: those it covers):
+    ``cold (S seeds)`` (seed mean), ``cold (1 seed)`` (seed 0 alone), ``warm all``, ``warm all − drift``,
+    ``warm all @ e`` for e in ``lengths``, ``warm last``, ``PBRF`` — all against the exact-Hessian estimate
+    (estimate ``H+δ``), and ``PBRF`` also against the Gauss-Newton one (``GN+δ``, its counterpart).
+    Columns: those of :func:`agreement_table`, :func:`noise_summary`'s ``ceiling, ceiling_single, drift,
+    drift_ratio, median_abs_delta`` (on the same candidates), and ``model``.
+    """
+    removed = np.asarray(removed, dtype=np.int64)
+    est, est_gn = problem.estimate[t], problem.estimate_gn[t]
+    cold, warm, last, pb = truths["cold"], truths["warm_all"], truths["warm_last"], truths["pbrf"]
+
+    def sub(gt: GroundTruth, cand: np.ndarray) -> GroundTruth:
+        c = columns_of(gt.removed, cand)
+        per = None if gt.delta_per_seed is None else gt.delta_per_seed[:, :, c]
+        noise = None if gt.noise is None else gt.noise[:, c]
+        return GroundTruth(gt.protocol, gt.delta[:, c], gt.drift, gt.removed[c], gt.recipe, gt.test_losses,
+                           gt.ref_loss, gt.grad_norm, gt.settings, per, noise)
+
+    pieces: list[tuple[str, str, np.ndarray, np.ndarray, dict[str, float]]] = []
+    cold_c = np.asarray([i for i in removed if i in set(cold.removed.tolist())], dtype=np.int64)
+    cg = sub(cold, cold_c)
+    nc = noise_summary(cg, t)
+    pieces.append(("H+δ", f"cold ({len(cold.settings['seeds'])} seeds)", est[cold_c], cg.delta[t], nc))
+    one = cg.delta_per_seed[0, t]
+    ns = dict(nc, median_abs_delta=float(np.median(np.abs(one))), ceiling=nc["ceiling_single"])
+    ns["drift_ratio"] = abs(ns["drift"]) / ns["median_abs_delta"]
+    pieces.append(("H+δ", "cold (1 seed)", est[cold_c], one, ns))
+    final = int(warm.epochs[-1])
+    wg = sub(warm.at(final), removed)
+    pieces.append(("H+δ", "warm all", est[removed], wg.delta[t], noise_summary(wg, t)))
+    pieces.append(("H+δ", "warm all − drift", est[removed], wg.delta_minus_drift[t], noise_summary(wg, t)))
+    for e in lengths:
+        if int(e) != final:
+            g = sub(warm.at(int(e)), removed)
+            pieces.append(("H+δ", f"warm all @ {int(e)}", est[removed], g.delta[t], noise_summary(g, t)))
+    lg = sub(last.at(int(last.epochs[-1])), removed)
+    pieces.append(("H+δ", "warm last", est[removed], lg.delta[t], noise_summary(lg, t)))
+    pg = sub(pb, removed)
+    pieces.append(("H+δ", "PBRF", est[removed], pg.delta[t], noise_summary(pg, t)))
+    pieces.append(("GN+δ", "PBRF", est_gn[removed], pg.delta[t], noise_summary(pg, t)))
+    frames = []
+    for en, gn, p, tv, extra in pieces:
+        tab = agreement_table({en: p}, {gn: tv}, k=k, n_resamples=n_resamples, seed=seed)
+        for c in ("ceiling", "ceiling_single", "drift", "drift_ratio", "median_abs_delta"):
+            tab[c] = extra[c]
+        frames.append(tab)
+    out = pd.concat(frames, ignore_index=True)
+    out.insert(0, "model", problem.name)
+    return out
+
+
+def selection_pool(problem: Problem, k: int, seed: int = 0) -> np.ndarray:
+    """Every training index any selection rule picks for any test point of ``problem`` (sorted, unique): the
+    points a ground truth must cover for :func:`selection_grid`."""
+    picks = [select_candidates("loss", k, train_loss=problem.train_loss),
+             select_candidates("random", k, n=problem.n_train, seed=seed)]
+    picks += [select_candidates("estimate", k, estimate=problem.estimate[t]) for t in range(len(problem.test_names))]
+    return np.unique(np.concatenate(picks))
+
+
+def selection_grid(problem: Problem, delta: np.ndarray, pool: Sequence[int], k: int, *, seed: int = 0,
+                   n_resamples: int = 1000, top_k: int | None = None) -> pd.DataFrame:
+    """How the choice of candidates and of test point moves every metric, for one estimate and ground truth.
+
+    Args:
+        delta: ``[n_test, len(pool)]`` Δ_true of the pool's points for each test point of ``problem``.
+        pool: the training indices of ``delta``'s columns (must cover every selection, :func:`selection_pool`).
+        k: candidates per rule; top_k: the k of the top-k overlap (default k // 10, at least 1).
+
+    Returns:
+        Rows ``test_point, candidates, metric, value, low, high, n`` (estimate: ``problem.estimate``).
+    """
+    pool = np.asarray(pool, dtype=np.int64)
+    frames = []
+    for t, tname in enumerate(problem.test_names):
+        for rule in CANDIDATE_RULES:
+            cand = select_candidates(rule, k, estimate=problem.estimate[t], train_loss=problem.train_loss,
+                                     n=problem.n_train, seed=seed)
+            cols = columns_of(pool, cand)
+            tab = agreement_table({"H+δ": problem.estimate[t, cand]}, {rule: delta[t, cols]}, k=top_k,
+                                  n_resamples=n_resamples, seed=seed)
+            tab = tab.rename(columns={"ground_truth": "candidates"}).drop(columns="estimate")
+            tab.insert(0, "test_point", tname)
+            frames.append(tab)
+    return pd.concat(frames, ignore_index=True)
+
+
+# -------------------------------------------------------------------------------------- trajectories
+
+
+@dataclass
+class Trajectory:
+    """Test losses of a warm-start retraining ensemble recorded along the way.
+
+    Attributes:
+        epochs: ``[c]`` the epochs recorded (0 = θ̂ itself, before any step).
+        test_losses: ``[c, n_removed + 1, n_test]`` per member, the nothing-removed (drift) member last.
+        ref_loss: ``[n_test]`` ℓ(z_test, θ̂).
+        removed: ``[n_removed]`` training indices.
+        recipe: ``Recipe.to_dict()`` of the retraining; settings: params subset and leave-one-out objective.
+        grad_norm: ``[n_removed + 1]`` final ‖∇R‖₂ of each member's objective (full data).
+    """
+
+    epochs: np.ndarray
+    test_losses: np.ndarray
+    ref_loss: np.ndarray
+    removed: np.ndarray
+    recipe: dict[str, Any]
+    settings: dict[str, Any]
+    grad_norm: np.ndarray
+
+    @property
+    def delta(self) -> np.ndarray:
+        """``[c, n_test, n_removed]`` Δ_true at each recorded epoch (member minus θ̂)."""
+        return np.transpose(self.test_losses[:, :-1] - self.ref_loss, (0, 2, 1))
+
+    @property
+    def drift(self) -> np.ndarray:
+        """``[c, n_test]`` the nothing-removed member's change of test loss at each recorded epoch."""
+        return self.test_losses[:, -1] - self.ref_loss
+
+    def at(self, epoch: int) -> GroundTruth:
+        """The warm-start :class:`~helpers.retrain.GroundTruth` after ``epoch`` epochs (must be recorded)."""
+        hits = np.flatnonzero(self.epochs == epoch)
+        if hits.size == 0:
+            raise ValueError(f"epoch {epoch} was not recorded; recorded: {self.epochs.tolist()}")
+        c = int(hits[0])
+        return GroundTruth(protocol="warm_start", delta=self.delta[c], drift=self.drift[c], removed=self.removed,
+                           recipe=dict(self.recipe, epochs=int(epoch)), test_losses=self.test_losses[c],
+                           ref_loss=self.ref_loss, grad_norm=np.full(len(self.removed) + 1, np.nan),
+                           settings=dict(self.settings, recorded_epoch=int(epoch)))
+
+
+def _batch_indices(n: int, recipe: Recipe, gen: torch.Generator):
+    """One epoch's batches: the same permutation stream as :mod:`helpers.train` (seeded by ``recipe.seed``),
+    so a recorded trajectory ends exactly where :func:`helpers.retrain.warm_start` ends (tested)."""
+    if recipe.batch_size is None or recipe.batch_size >= n:
+        yield None, 1.0
+        return
+    perm = torch.randperm(n, generator=gen)
+    for s in range(0, n, recipe.batch_size):
+        idx = perm[s:s + recipe.batch_size]
+        yield idx, n / idx.numel()
+
+
+def warm_trajectory(model: nn.Module, theta_hat: dict[str, Tensor] | None, train: Data, test: Data,
+                    removed: Sequence[int], recipe: Recipe, *, every: int | None = None,
+                    epochs: Sequence[int] | None = None, params: str | list[str] = "all", loo: str = "drop",
+                    cache: bool = True) -> Trajectory:
+    """Warm-start retraining without each removed point (and a drift member), recording test losses on the way.
+
+    The same protocol as :func:`helpers.retrain.warm_start` — continue from θ̂ with a fresh optimizer on the
+    objective with z_i's weight set to zero — but the members' test losses are recorded after the epochs in
+    ``epochs`` (or every ``every`` epochs), which gives the paper's Fig. 5 and a whole sweep of retraining
+    lengths from one run. The optimizer is ``torch.optim.Adam`` / ``SGD`` on the stacked parameters
+    ``[members, ...]`` with the sum of the members' objectives: both are element-wise, so member j follows
+    exactly its own trajectory.
+
+    Args:
+        recipe: Adam or SGD with a constant learning rate (``schedule="none"``, no SWA); full batch or
+            mini-batches (same batch stream as :mod:`helpers.train`).
+        every / epochs: record every ``every`` epochs, or at the listed epochs (epoch 0 and the last are always
+            recorded).
+        params: the retrained subset (``"all"``, ``"last"``, names); loo: ``"drop"`` or ``"reaverage"``.
+
+    Returns:
+        :class:`Trajectory`. Cost: as ``warm_start`` (one ensemble of ``len(removed) + 1`` members for
+        ``recipe.epochs``) plus one vmapped test forward pass per recorded epoch.
+    """
+    if recipe.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"warm_trajectory records Adam or SGD runs, got optimizer {recipe.optimizer!r}: use "
+                         "helpers.retrain.warm_start for Newton / L-BFGS")
+    if recipe.schedule != "none" or recipe.swa_start is not None:
+        raise ValueError("warm_trajectory needs a constant learning rate (schedule='none') and no SWA; use "
+                         "helpers.retrain.warm_start for other recipes")
+    if every is None and epochs is None:
+        raise ValueError("give `every` (record every so many epochs) or `epochs` (a list)")
+    marks = set(int(e) for e in (epochs if epochs is not None else range(0, recipe.epochs + 1, int(every))))
+    if any(e < 0 or e > recipe.epochs for e in marks):
+        raise ValueError(f"recorded epochs must lie in [0, {recipe.epochs}], got {sorted(marks)}")
+    marks |= {0, recipe.epochs}
+    x, y = train
+    n = x.shape[0]
+    r = [int(i) for i in np.asarray(removed).reshape(-1)]
+    if any(not 0 <= i < n for i in r):
+        raise ValueError(f"removed indices must lie in [0, {n}), got {r}")
+    named = dict(model.named_parameters())
+    theta = {k: v.detach() for k, v in named.items()} | {k: v.detach() for k, v in (theta_hat or {}).items()}
+    key = {"model": model, "theta": theta, "train": [x, y], "test": list(test), "removed": r,
+           "recipe": recipe.to_dict(), "marks": sorted(marks), "params": params, "loo": loo}
+
+    def compute() -> Trajectory:
+        dt = recipe.torch_dtype
+        xc = x.to(dt) if x.is_floating_point() else x
+        yc = y.long() if recipe.loss == "cross_entropy" else y.to(dt)
+        xt, yt = test[0].to(dt), (test[1].long() if recipe.loss == "cross_entropy" else test[1].to(dt))
+        work = model_with(model, theta, dtype=dt, device=xc.device).requires_grad_(False)
+        names = param_names(work, params)
+        k = len(r) + 1
+        w = removal_weights(n, r + [-1], loo, dtype=dt).to(xc.device)
+        stacked = {nm: theta[nm].to(dtype=dt, device=xc.device)[None].repeat(k, *[1] * theta[nm].dim())
+                   .requires_grad_(True) for nm in names}
+        member = weighted_objective(work, recipe)
+        vg = vmap(grad_and_value(member), in_dims=(0, 0, None, None, None, None))
+        test_loss = vmap(lambda p: per_sample_losses(work, p, xt, yt, recipe.loss))
+        leaves = list(stacked.values())
+        if recipe.optimizer == "adam":
+            # The L2 term is in the objective (coupled, as helpers.train does): no weight_decay here.
+            opt = torch.optim.Adam(leaves, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
+                                   amsgrad=recipe.amsgrad, foreach=False)
+        else:
+            opt = torch.optim.SGD(leaves, lr=recipe.lr, momentum=recipe.momentum, foreach=False)
+        gen = torch.Generator().manual_seed(recipe.seed)
+        rec_epochs, rec = [], []
+
+        def record(epoch: int) -> None:
+            with torch.no_grad():
+                rec.append(test_loss({nm: v.detach() for nm, v in stacked.items()}).double().cpu())
+            rec_epochs.append(epoch)
+
+        record(0)
+        for epoch in range(1, recipe.epochs + 1):
+            for idx, scale in _batch_indices(n, recipe, gen):
+                xb, yb = (xc, yc) if idx is None else (xc[idx], yc[idx])
+                g, val = vg({nm: v.detach() for nm, v in stacked.items()}, (w,), xb, yb, idx, scale)
+                if not bool(torch.isfinite(val).all()):
+                    raise FloatingPointError(f"non-finite training loss at epoch {epoch}: lower the learning "
+                                             f"rate {recipe.lr} or use float64")
+                for nm, p in stacked.items():
+                    p.grad = g[nm]
+                opt.step()
+            if epoch in marks:
+                record(epoch)
+        g, _ = vg({nm: v.detach() for nm, v in stacked.items()}, (w,), xc, yc, None, 1.0)
+        gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
+        losses = torch.stack(rec).numpy()  # [c, k, n_test]
+        # The reference comes from the same kernel (epoch 0, drift member): a member that never moves has Δ = 0.
+        return Trajectory(epochs=np.asarray(rec_epochs), test_losses=losses, ref_loss=losses[0, -1].copy(),
+                          removed=np.asarray(r, dtype=np.int64), recipe=recipe.to_dict(),
+                          settings={"params": params, "loo": loo}, grad_norm=gn.double().cpu().numpy())
+
+    return memoize("warm_trajectory", key, compute) if cache else compute()
+
+
+# ----------------------------------------------------------------------------------------- agreement
+
+
+def agreement(pred: Any, true: Any, *, k: int | None = None, n_resamples: int = 1000, seed: int = 0
+              ) -> dict[str, float]:
+    """Every metric of estimate against ground truth, with paired bootstrap intervals, in one flat dict.
+
+    :func:`helpers.metrics.summarize` (Pearson, Spearman, Kendall, sign agreement, top-k overlap, relative error
+    with ``_low`` / ``_high``) plus ``abs_pearson`` / ``abs_spearman`` (what a paper reporting |ρ| would show)
+    and ``scale_ratio`` = median |pred| / median |true| (1 when the values agree in size; the paper's Fig. 4).
+
+    Args:
+        pred, true: ``[n]`` predicted and actual changes of one test loss over the same candidates.
+        k: top-k size (default n // 10, at least 1).
+    """
+    out = metrics.summarize(pred, true, k=k, n_resamples=n_resamples, seed=seed)
+    p, t = np.asarray(pred, dtype=float), np.asarray(true, dtype=float)
+    out["abs_pearson"], out["abs_spearman"] = abs(out["pearson"]), abs(out["spearman"])
+    mt = float(np.median(np.abs(t)))
+    out["scale_ratio"] = float(np.median(np.abs(p)) / mt) if mt > 0 else float("inf")
+    return out
+
+
+def agreement_table(pred: dict[str, Any], truths: dict[str, Any], *, k: int | None = None,
+                    n_resamples: int = 1000, seed: int = 0,
+                    extra: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """Long-form table of :func:`agreement` for every (estimate, ground truth) pair.
+
+    Args:
+        pred: ``{estimate name: [n] values}``; truths: ``{ground-truth name: [n] values}`` over the same points.
+        extra: per ground truth, columns to attach to its rows (e.g. ``{"cold": {"ceiling": 0.4}}``).
+
+    Returns:
+        Rows ``estimate, ground_truth, metric, value, low, high`` (+ the ``extra`` columns), one per metric of
+        :data:`AGREEMENT_METRICS` (``low`` / ``high`` = the 95 % bootstrap interval).
+    """
+    rows = []
+    for en, p in pred.items():
+        for gn, t in truths.items():
+            a = agreement(p, t, k=k, n_resamples=n_resamples, seed=seed)
+            for m in AGREEMENT_METRICS:
+                rows.append({"estimate": en, "ground_truth": gn, "metric": m, "value": a[m],
+                             "low": a[f"{m}_low"], "high": a[f"{m}_high"], "n": int(a["n"])}
+                            | dict((extra or {}).get(gn, {})))
+    return pd.DataFrame(rows)
+
+
+def noise_summary(gt: GroundTruth, t: int = 0) -> dict[str, float]:
+    """How large the procedure's own noise is next to the single-point effects it is meant to measure.
+
+    Returns ``{"median_abs_delta", "drift", "drift_ratio", "ceiling", "ceiling_single", "reliability",
+    "seed_sd"}`` for test point ``t``:
+
+    * ``median_abs_delta``: median |Δ_true| over the removed points (the signal's typical size);
+    * ``drift``: the nothing-removed change — warm start / PBRF: that member's Δ; cold start: the standard
+      deviation over seeds of each seed's full-data fit minus θ̂ (the seed noise of the reference model);
+    * ``drift_ratio`` = |drift| / median |Δ_true|: above 1, the procedure moves the test loss more than removing
+      a typical point does;
+    * ``ceiling`` (√ reliability of the seed mean, :func:`helpers.metrics.noise_ceiling`), ``ceiling_single``
+      (one seed), ``reliability``, ``seed_sd`` (median over points of the seed-to-seed sd of Δ): cold start only.
+      A deterministic protocol (warm start, PBRF: no seed) has no seed noise: ceiling 1 by construction, and
+      ``seed_sd`` 0.
+    """
+    d = gt.delta[t]
+    out = {"median_abs_delta": float(np.median(np.abs(d)))}
+    if gt.delta_per_seed is not None and gt.delta_per_seed.shape[0] >= 2:
+        nc = metrics.noise_ceiling(gt.delta_per_seed[:, t, :])
+        drift = float(np.std(gt.drift[:, t], ddof=1))
+        out |= {"drift": drift, "ceiling": nc.ceiling, "ceiling_single": nc.ceiling_single,
+                "reliability": nc.reliability, "seed_sd": float(np.median(gt.noise[t]))}
+    else:
+        drift = float(np.ravel(gt.drift)[t]) if gt.drift.ndim == 1 else float(gt.drift[0, t])
+        out |= {"drift": drift, "ceiling": 1.0, "ceiling_single": 1.0, "reliability": 1.0, "seed_sd": 0.0}
+    out["drift_ratio"] = abs(out["drift"]) / out["median_abs_delta"] if out["median_abs_delta"] > 0 else float("inf")
+    return out
+
+
+# ------------------------------------------------------------------------------------ effects against n
+
+
+def single_point_scaling(dataset: str, sizes: Sequence[int], *, l2: float = 0.01, k: int = 20, seed: int = 0,
+                         n_test: int | None = None, tol: float = 1e-10, cache: bool = True) -> pd.DataFrame:
+    """Actual leave-one-out effects of the *same* training points on the *same* test points as n grows.
+
+    The training part of ``dataset`` (:func:`helpers.data.load`, split ``seed``, standardised on all of it) is put
+    in a random order (``seed``); the training set of size n is its first n points, so the sets are nested and
+    the k removed points — the first k of the order — belong to every one of them. For each n: multinomial
+    logistic regression (no bias, L2 ``l2``, float64) fitted by Newton to ‖∇R‖ < ``tol``; each of the k points
+    removed and the model retrained by Newton from θ̂ (:func:`helpers.retrain.warm_start`): exact leave-one-out
+    up to ``tol``. A convex model, so nothing but n changes between sizes.
+
+    Returns:
+        Long DataFrame ``n, removed (dataset index), test (position), delta_true, delta_pred`` (every removed point ×
+        every test point), in nats; ``delta_pred`` is the exact-Hessian influence estimate.
+
+    Cost per n: one Newton fit and one Newton ensemble of k + 1 members (d = features × classes).
+    """
+    from helpers import data as data_mod
+    from helpers import retrain
+
+    sizes = sorted(int(s) for s in sizes)
+    split = data_mod.load(dataset, seed=seed, n_test=n_test)
+    if not sizes or sizes[0] < max(10, k + 1) or sizes[-1] > split.n_train:
+        raise ValueError(f"sizes must lie in [{max(10, k + 1)}, {split.n_train}] (k = {k} removed points must fit "
+                         f"in the smallest set), got {sizes}")
+    order = torch.as_tensor(np.random.default_rng(seed).permutation(split.n_train))
+    recipe = Recipe(optimizer="newton", weight_decay=l2, tol=tol, max_iter=100)
+    frames = []
+    for n in sizes:
+        train = (split.x_train[order[:n]], split.y_train[order[:n]])
+        model = logistic_regression(split.x_train.shape[1], split.n_classes, dtype=torch.float64)
+        with torch.no_grad():
+            model.linear.weight.zero_()  # Newton's start; the convex optimum does not depend on it
+        fitted = fit(recipe, model, *train, progress=False, cache=cache)
+        m = model_with(model, fitted.params)
+        removed = list(range(k))  # positions in the subset = the first k points of the order, in every subset
+        gt = retrain.warm_start(m, fitted.params, train, split.test, removed, recipe, progress=False, cache=cache)
+        est = predict_removal(m, train, split.test, l2=l2).values.detach().numpy()[:, removed]
+        tt, rr = np.meshgrid(np.arange(split.n_test), removed, indexing="ij")
+        frames.append(pd.DataFrame({"n": n, "removed": split.idx_train[order[rr.ravel()]].numpy(),
+                                    "test": tt.ravel(), "delta_true": gt.delta_minus_drift.ravel(),
+                                    "delta_pred": est.ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def pair_slopes(scaling: pd.DataFrame, column: str = "delta_true") -> np.ndarray:
+    """Log-log slope of |Δ| against n for every (removed, test) pair of :func:`single_point_scaling` that is
+    non-zero at every n: ``[n_pairs]``. −1 is "this point's effect on this test point shrinks like 1/n"."""
+    piv = scaling.assign(a=scaling[column].abs()).pivot_table(index=["removed", "test"], columns="n", values="a")
+    if piv.shape[1] < 2:
+        raise ValueError("need at least two training-set sizes to fit a slope")
+    a = piv.to_numpy()
+    keep = np.all(a > 0, axis=1)
+    lx = np.log(piv.columns.to_numpy(dtype=float))
+    ly = np.log(a[keep])
+    xc = lx - lx.mean()
+    return (ly - ly.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)  # least squares, all pairs at once
+
+
+def loglog_slope(x: Any, y: Any, confidence: float = 0.95) -> dict[str, float]:
+    """Least-squares slope of log y on log x (``scipy.stats.linregress``) with a t-interval: ``{"slope", "low",
+    "high", "intercept", "r2"}``. A slope of −1 is "effects shrink like 1/n". Needs ≥ 3 positive pairs."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.size < 3 or not (np.all(np.isfinite(x) & (x > 0)) and np.all(np.isfinite(y) & (y > 0))):
+        raise ValueError("loglog_slope needs >= 3 pairs of positive, finite x and y of the same length")
+    lx, ly = np.log(x), np.log(y)
+    fit = st.linregress(lx, ly)
+    half = st.t.ppf(0.5 + confidence / 2, lx.size - 2) * fit.stderr
+    return {"slope": float(fit.slope), "low": float(fit.slope - half), "high": float(fit.slope + half),
+            "intercept": float(fit.intercept), "r2": float(fit.rvalue ** 2)}
+
+
+# --------------------------------------------------------------------------- the shuffled-index pitfall
+
+
+class IndexedDataset(Dataset):
+    """A dataset of ``(x_i, y_i, i)``: each sample carries its dataset index through any loader and shuffle —
+    the fix for the shuffled-index pitfall (STUDY.md §3 problem 1)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return self.x[i], self.y[i], i
+
+
+@dataclass
+class LoaderInfluence:
+    """Influence values in the order a ``DataLoader`` produced them.
+
+    Attributes:
+        values: ``[n]`` Δ_pred in loader order.
+        index: ``[n]`` what the pipeline believes is each value's dataset index: the carried index
+            (:class:`IndexedDataset`), or — the pitfall — the position in the loader's output.
+        carried: whether ``index`` was carried with the samples.
+    """
+
+    values: np.ndarray
+    index: np.ndarray
+    carried: bool
+
+    def by_dataset_index(self) -> np.ndarray:
+        """``[n]`` the values placed at the dataset indices the pipeline believes in (wrong if not carried)."""
+        out = np.empty_like(self.values)
+        out[self.index] = self.values
+        return out
+
+
+def loader_influence(model: nn.Module, train: Data, direction: Tensor, *, params: str | list[str] = "all",
+                     batch_size: int = 64, seed: int = 0, carry_index: bool = True,
+                     loss: str = "cross_entropy") -> LoaderInfluence:
+    """Per-sample influence computed batch by batch from a *shuffled* ``DataLoader`` over the training set.
+
+    value_i = (1/n) ∇ℓ(z_i, θ̂)ᵀ v with v = (H + δI)⁻¹ ∇ℓ(z_test, θ̂) (``direction``, flat in ``params`` order;
+    e.g. ``predict_removal(...).solve.x[:, 0]``), so the values equal :func:`helpers.influence.predict_removal`'s
+    — only their order differs. With ``carry_index=False`` the loader yields ``(x, y)`` and the position in its
+    output is all the pipeline has: using it as the dataset index is the seed paper's bug. With
+    ``carry_index=True`` the loader yields ``(x, y, i)`` (:class:`IndexedDataset`) and the index travels along.
+
+    Cost: n per-sample gradients (one vmapped pass per batch).
+    """
+    x, y = train
+    n = x.shape[0]
+    names = param_names(model, params)
+    P = {k: v.detach() for k, v in model.named_parameters() if k in names}
+    P = {k: P[k] for k in names}
+    d = sum(v.numel() for v in P.values())
+    if direction.shape != (d,):
+        raise ValueError(f"direction must be [{d}] (the flat parameters of {params!r}), got {tuple(direction.shape)}")
+    ds = IndexedDataset(x, y) if carry_index else TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    values, index = [], []
+    for batch in loader:
+        xb, yb = batch[0], batch[1]
+        g = per_sample_grads(model, P, xb, yb, loss)  # [b, d]
+        values.append((g @ direction.to(g)) / n)
+        if carry_index:
+            index.append(torch.as_tensor(batch[2]))
+    vals = torch.cat(values).detach().double().cpu().numpy()
+    idx = torch.cat(index).numpy() if carry_index else np.arange(n)
+    return LoaderInfluence(values=vals, index=idx.astype(np.int64), carried=carry_index)
+
+
+# ------------------------------------------------------------------------- repetitions across depths
+
+
+def depth_runs(depths: Sequence[int], reps: int, train: Data, test_point: Data, *, width: int = 5,
+               activation: str = "selu", train_recipe: Recipe, retrain_recipe: Recipe, n_candidates: int = 25,
+               seed: int = 0, cache: bool = True) -> pd.DataFrame:
+    """Per-run signed correlations of the Iris depth sweep, the paper's protocol on the book's code.
+
+    For each depth: ``reps`` MLPs (``width``, ``activation``) trained by ``train_recipe`` from init seeds
+    ``seed, …, seed + reps − 1`` as one ensemble; for each run, the last-layer influence (exact Hessian, the L2
+    term λ = ``train_recipe.weight_decay`` included — the well-defined version of the paper's estimate) on the
+    ``n_candidates`` training points with the highest training loss; ground truth: warm start on *all* layers by
+    ``retrain_recipe`` (the paper's), every run's candidates and drift member in one ensemble.
+
+    Returns:
+        One row per run: ``depth, rep, spearman, pearson`` (signed, positive = agreement), ``drift`` (the
+        nothing-removed member's Δ), ``median_abs_delta``, ``grad_norm`` (of θ̂).
+
+    Cost per depth: one ensemble of ``reps`` members for ``train_recipe`` and one of
+    ``reps · (n_candidates + 1)`` members for ``retrain_recipe``.
+    """
+    from helpers.models import mlp
+
+    x, y = train
+    frames = []
+    for depth in depths:
+        key = {"depth": int(depth), "reps": int(reps), "train": [x, y], "test": list(test_point), "width": width,
+               "activation": activation, "train_recipe": train_recipe.to_dict(),
+               "retrain_recipe": retrain_recipe.to_dict(), "k": n_candidates, "seed": seed}
+
+        def compute(depth: int = int(depth)) -> pd.DataFrame:
+            dt = train_recipe.torch_dtype
+            model = mlp(x.shape[1], int(y.max()) + 1, depth, width, activation, dtype=dt)
+            ens = fit_ensemble(train_recipe, model, x, y, seeds=[seed + r for r in range(reps)], progress=False)
+            n, k1 = x.shape[0], n_candidates + 1
+            inits, weights, rows = {nm: [] for nm in ens.params}, [], []
+            for r in range(reps):
+                m = model_with(model, ens.member(r))
+                est = predict_removal(m, train, test_point, params="last", l2=train_recipe.weight_decay)
+                tl = per_sample_losses(m, dict(m.named_parameters()), x, y).detach()
+                cand = select_candidates("loss", n_candidates, train_loss=tl)
+                rows.append({"depth": depth, "rep": r, "est": est.values[0, cand].detach().numpy(),
+                             "grad_norm": float(ens.grad_norm[r])})
+                for nm, v in ens.params.items():
+                    inits[nm].append(v[r][None].expand(k1, *v.shape[1:]))
+                weights.append(removal_weights(n, list(cand) + [-1], dtype=dt))
+            stacked = {nm: torch.cat(v) for nm, v in inits.items()}
+            out = fit_ensemble(retrain_recipe, model, x, y, weights=torch.cat(weights), inits=stacked,
+                               progress=False)
+            work = model_with(model).requires_grad_(False)
+            xt, yt = test_point
+            before = vmap(lambda p: per_sample_losses(work, p, xt, yt))(stacked)[:, 0].reshape(reps, k1)
+            after = vmap(lambda p: per_sample_losses(work, p, xt, yt))(out.params)[:, 0].reshape(reps, k1)
+            delta = (after - before).detach().double().numpy()
+            for r, row in enumerate(rows):
+                dr = delta[r, :-1]
+                row.update(spearman=metrics.spearman(row["est"], dr), pearson=metrics.pearson(row["est"], dr),
+                           drift=float(delta[r, -1]), median_abs_delta=float(np.median(np.abs(dr))))
+                del row["est"]
+            return pd.DataFrame(rows)
+
+        frames.append(memoize("depth_runs", key, compute) if cache else compute())
+    return pd.concat(frames, ignore_index=True)

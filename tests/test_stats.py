@@ -1,0 +1,75 @@
+"""helpers.stats against scipy and closed forms; the paper's published depth effect (STUDY.md §3 item 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats as st
+
+from helpers import stats, sweeps
+
+
+def test_mean_ci_matches_scipy_bootstrap_and_covers_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.3, 0.2, size=40)
+    m, lo, hi = stats.mean_ci(x, n_resamples=3000, seed=5)
+    ref = st.bootstrap((x,), np.mean, n_resamples=3000, method="percentile", rng=np.random.default_rng(5))
+    assert m == pytest.approx(x.mean(), abs=1e-15)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=1e-12)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=1e-12)
+    assert lo < m < hi
+    # the half width shrinks like 1/sqrt(n): compare with the normal approximation
+    assert (hi - lo) / 2 == pytest.approx(1.96 * x.std(ddof=1) / np.sqrt(x.size), rel=0.25)
+
+
+def test_mean_ci_degenerate_and_bad_input() -> None:
+    assert stats.mean_ci([0.5]) == (0.5, 0.5, 0.5)
+    assert stats.mean_ci([0.25, 0.25, 0.25]) == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="NaN"):
+        stats.mean_ci([0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="no values"):
+        stats.mean_ci([])
+
+
+def test_one_way_effect_sizes_and_p_values() -> None:
+    rng = np.random.default_rng(0)
+    groups = [rng.normal(mu, 1.0, size=n) for mu, n in ((0.0, 12), (0.5, 15), (1.5, 9))]
+    r = stats.one_way(groups)
+    pooled = np.concatenate(groups)
+    ss_b = sum(g.size * (g.mean() - pooled.mean()) ** 2 for g in groups)
+    ss_t = ((pooled - pooled.mean()) ** 2).sum()
+    assert r.eta_sq == pytest.approx(ss_b / ss_t, rel=1e-12)
+    assert r.anova_p == pytest.approx(st.f_oneway(*groups).pvalue, rel=1e-12)
+    h = st.kruskal(*groups).statistic
+    assert r.kruskal_h == pytest.approx(h, rel=1e-12)
+    assert r.epsilon_sq == pytest.approx(h * (pooled.size + 1) / (pooled.size ** 2 - 1), rel=1e-12)
+    assert (r.k, r.n) == (3, pooled.size)
+    # no effect: identical distributions give small effect sizes
+    same = stats.one_way([rng.normal(0, 1, 200) for _ in range(4)])
+    assert same.eta_sq < 0.05 and same.epsilon_sq < 0.05
+
+
+def test_one_way_refuses_undefined_tests() -> None:
+    with pytest.raises(ValueError, match="two groups"):
+        stats.one_way([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="fewer than two"):
+        stats.one_way([[1.0, 2.0], [3.0]])
+    with pytest.raises(ValueError, match="same"):
+        stats.one_way([[1.0, 1.0], [1.0, 1.0]])
+
+
+def test_one_way_table_slices_and_drops_nan() -> None:
+    frame = pd.DataFrame({"regime": ["a"] * 6 + ["b"] * 6, "value": [1, 1, 1, 2, 2, 2] * 2,
+                          "rho": [0.1, 0.2, 0.3, 0.7, 0.8, 0.9, 0.5, 0.4, float("nan"), 0.5, 0.6, 0.4]})
+    t = stats.one_way_table(frame, "rho", "value", ["regime"])
+    assert list(t["regime"]) == ["a", "b"]
+    assert t.loc[0, "eta_sq"] > 0.9 and t.loc[1, "n_dropped"] == 1 and t.loc[1, "n"] == 5
+
+
+def test_paper_anova_across_depths_reproduces_the_published_arrays() -> None:
+    """STUDY.md §3 item 4: a one-way ANOVA of |ρ| across depths in the L2 regime gives p ≈ 2e-9."""
+    runs = sweeps.paper_iris_runs()
+    t = stats.one_way_table(runs[runs["sweep"] == "depth"], "abs_spearman", "value", ["regime"])
+    p = float(t.loc[t["regime"] == "l2", "anova_p"].iloc[0])
+    assert 1e-9 < p < 3e-9
