@@ -128,7 +128,9 @@ def load_profile(profile: str, root: Path = REPO_ROOT) -> dict[str, dict[str, An
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
         raise BuildError(f"{path.relative_to(root)} must map chapter names to {{parameter: value}} mappings")
-    names = {c.name for c in notebook_chapters(root)}
+    # Entries may name any notebook of the book folder: a draft chapter keeps its parameters before it joins
+    # _toc.yml. A name with no notebook at all is a typo.
+    names = {c.name for c in notebook_chapters(root)} | {p.stem for p in (root / BOOK_DIR_NAME).glob("*.ipynb")}
     unknown = sorted(set(data) - names)
     if unknown:
         raise BuildError(f"{path.relative_to(root)} names unknown chapter(s) {', '.join(unknown)}; "

@@ -110,7 +110,8 @@ CHECKS["validation"] = check_validation
 
 
 def test_every_chapter_has_a_check() -> None:
-    assert set(CHECKS) == set(CHAPTERS), "add a records check for every chapter in _toc.yml"
+    # Every chapter in _toc.yml needs a check; draft chapters may have theirs ready before they join the book.
+    assert set(CHAPTERS) <= set(CHECKS), "add a records check for every chapter in _toc.yml"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
