@@ -48,8 +48,9 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
+from helpers import metrics
 from helpers.cache import memoize
-from helpers.curvature import CurvatureOperator
+from helpers.curvature import CurvatureOperator, extreme_eigenvalues
 from helpers.influence import InfluenceResult
 from helpers.objective import LooObjective, removal_weights
 from helpers.retrain import GroundTruth
@@ -314,20 +315,26 @@ class SoftmaxRegressionOperator(CurvatureOperator):
     def __init__(self, x: Tensor, theta: Tensor, weights: Tensor, l2: float) -> None:
         self._x, self._theta, self._w, self._l2 = x, theta, weights, l2
         self._p = torch.softmax(x @ theta.T, dim=1)
+        # Products touch only the features with data (the rest of H is λI), and the second GEMM reads a
+        # contiguous transpose: together about a third faster per product than the plain formula.
+        self._active = _active_features(x, weights)
+        self._xa = x[:, self._active].contiguous()
+        self._xa_t = self._xa.T.contiguous()
         super().__init__(self._product_one, {PARAM_NAME: theta}, kind="hessian")
 
     def _products(self, V: Tensor) -> Tensor:
         """``V [c·d, k]`` → ``H V [c·d, k]``."""
         c, d = self._theta.shape
         k = V.shape[1]
-        n = self._x.shape[0]
+        n, da = self._xa.shape
         vm = V.T.reshape(k, c, d)
-        u = (self._x @ vm.reshape(k * c, d).T).view(n, k, c)  # (V_j x_i) for every vector j and sample i
+        va = vm[:, :, self._active].reshape(k * c, da)
+        u = (self._xa @ va.T).view(n, k, c)  # (V_j x_i) for every vector j and sample i
         p = self._p[:, None, :]
         au = (p * u - p * (p * u).sum(-1, keepdim=True)) * self._w[:, None, None]
-        out = (au.reshape(n, k * c).T @ self._x).view(k, c, d)
-        if self._l2:
-            out = out + self._l2 * vm
+        data = (self._xa_t @ au.view(n, k * c)).view(da, k, c).permute(1, 2, 0)  # [k, c, d_a]
+        out = self._l2 * vm if self._l2 else torch.zeros_like(vm)
+        out[:, :, self._active] += data
         return out.reshape(k, c * d).T
 
     def _product_one(self, v: Tensor) -> Tensor:
@@ -491,9 +498,10 @@ def solve_exact(x: Tensor, theta: Tensor, B: Tensor, *, weights: Tensor | None =
     With ``factor`` of this very matrix (same W, λ + δ, weights): one direct Cholesky solve; of the same W with
     another diagonal and a kept block (``keep_block=True``): one new Cholesky, then a direct solve. With a factor
     of another point W₀: preconditioned conjugate gradients with that factor (H(W₀)⁻¹H(W) is close to I when W is
-    close to W₀, so a few steps reach round-off); if :data:`PCG_STEPS` steps do not suffice (W far from W₀), plain
-    conjugate gradients (:func:`helpers.solvers.solve`) continue from there — a PCG step reads the whole factor, a
-    CG step only the data. Without ``factor``: :func:`factorize` first.
+    close to W₀, so a few steps reach round-off); if :data:`PCG_STEPS` steps do not suffice or a step shrinks the
+    residual less than 4-fold (W far from W₀), plain conjugate gradients (:func:`helpers.solvers.solve`) continue
+    from there — a PCG step reads the whole factor, a CG step only the data. Without ``factor``:
+    :func:`factorize` first.
 
     Args:
         x: ``[n, d]`` training inputs; theta: ``[c, d]``; B: ``[c·d]`` or ``[c·d, k]``.
@@ -546,19 +554,21 @@ def solve_exact(x: Tensor, theta: Tensor, B: Tensor, *, weights: Tensor | None =
 def _pcg(op: CurvatureOperator, B: Tensor, damping: float, factor: HessianFactor, rtol: float, maxiter: int
          ) -> tuple[Tensor, int, bool]:
     """Preconditioned CG on all columns at once (one batched product and one batched triangular solve per step);
-    returns (X, steps, reached rtol)."""
+    returns (X, steps, reached rtol). Gives up early when a step shrinks the residual less than 4-fold."""
     X = factor.apply_inverse(B)  # the preconditioner's own answer is the start: already close
     R = B - (op.matmat(X) + damping * X)
     bnorm = torch.linalg.vector_norm(B, dim=0).clamp_min(torch.finfo(B.dtype).tiny)
     Z = factor.apply_inverse(R)
     P = Z.clone()
     rz = (R * Z).sum(0)
+    previous = math.inf
     for it in range(maxiter + 1):
-        rel = torch.linalg.vector_norm(R, dim=0) / bnorm
-        if bool((rel <= rtol).all()):
+        rel = float((torch.linalg.vector_norm(R, dim=0) / bnorm).max())
+        if rel <= rtol:
             return X, it, True
-        if it == maxiter:
+        if it == maxiter or rel > previous / 4:  # contracting slowly: the factor is of a point too far away
             break
+        previous = rel
         AP = op.matmat(P) + damping * P
         pap = (P * AP).sum(0)
         alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
@@ -568,7 +578,7 @@ def _pcg(op: CurvatureOperator, B: Tensor, damping: float, factor: HessianFactor
         rz_new = (R * Z).sum(0)
         P = Z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)) * P
         rz = rz_new
-    return X, maxiter, False
+    return X, it, False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -801,7 +811,8 @@ def removal_effects(x_train: Tensor, y_train: Tensor, theta: Tensor, solution: T
         solution: ``[c·d, T]`` (or ``[c·d]``) the vectors v_t = (H + δI)⁻¹ ∇ℓ(z_test_t, W) from any solver (e.g.
             the ``x`` of a :class:`helpers.solvers.SolveResult`). weights: w_i (default 1/n).
 
-    Cost: two GEMMs of n·d·(T·c); the ``[n, c·d]`` training gradients are never formed (∇ℓ_iᵀ v = (p_i − e_{y_i})ᵀ V x_i).
+    Cost: two GEMMs of n·d·(T·c); the ``[n, c·d]`` training gradients are never formed
+    (∇ℓ_iᵀ v = (p_i − e_{y_i})ᵀ V x_i).
     """
     _check_xy(x_train, y_train)
     _check_theta(theta, x_train.shape[1])
@@ -1071,8 +1082,6 @@ def lissa_path(op: CurvatureOperator, B: Tensor, depths: Sequence[int], *, scale
     vector = B.dim() == 1
     B2 = B[:, None] if vector else B
     if scale is None:
-        from helpers.curvature import extreme_eigenvalues
-
         scale = float(extreme_eigenvalues(op, 1, "LA", method="dense" if op.dim <= 2 else "lanczos")[0]) + damping
     top = depths[-1]
     recorder = _RecordingOperator(op, {D + 1 for D in depths[:-1]})
@@ -1227,8 +1236,6 @@ def compare(predicted: Any, truth: GroundTruth, points: dict[str, Any], *, rows:
 
     Cost: O(T · sets · n_bootstrap · k).
     """
-    from helpers import metrics
-
     pred = predicted.detach().cpu().numpy() if isinstance(predicted, Tensor) else np.asarray(predicted, dtype=float)
     rows = list(range(truth.delta.shape[0])) if rows is None else [int(r) for r in rows]
     T = len(rows)

@@ -666,7 +666,7 @@ def retrain_last_layer(features: Tensor, y: Tensor, weight: Tensor, bias: Tensor
     n = feats.shape[1]
     tf = torch.as_tensor(test_features).to(dt).reshape(k, -1)
     ty = torch.as_tensor(test_y).long().reshape(k)
-    lam_t = torch.as_tensor(np.asarray(lam, dtype=np.float64)).to(dt).reshape(k)
+    lam_t = torch.tensor(np.array(lam, dtype=np.float64), dtype=dt).reshape(k)
     W, b = torch.as_tensor(weight).to(dt), torch.as_tensor(bias).to(dt)
     yc = torch.as_tensor(y).long()
     objective = _linear_objective(W.shape[1])
@@ -799,7 +799,7 @@ def batched_last_layer_influence(features: Tensor, y: Tensor, test_features: Ten
     Cost: k eigendecompositions of d = C·(f + 1) and O(k·n·d²) to build the Hessians.
     """
     k, n = features.shape[:2]
-    lam = (torch.as_tensor(np.asarray(l2, dtype=np.float64)).reshape(k) if include_l2
+    lam = (torch.tensor(np.array(l2, dtype=np.float64)).reshape(k) if include_l2
            else torch.zeros(k, dtype=torch.float64))
     g, H = softmax_layer_terms(features, y, weight, bias, include_bias=include_bias)
     yt = torch.as_tensor(test_y).long()
