@@ -8,6 +8,8 @@ NaN with a warning).
 
 * :func:`pearson`, :func:`spearman`, :func:`kendall` (τ-b): ``scipy.stats.pearsonr / spearmanr / kendalltau``.
 * :func:`sign_agreement`, :func:`top_k_overlap`, :func:`relative_error`: elementary, defined below.
+* :func:`rank_resolution`: how far apart neighbouring values are, against :func:`pointwise_error`: how wrong an
+  estimate is per point — when the second exceeds the first, a rank correlation must fall short of 1.
 * :func:`bootstrap_ci`: paired bootstrap intervals (BCa by default) from ``scipy.stats.bootstrap``.
 * :func:`summarize`: all of them with intervals, as one flat dict (a row of a results table).
 * :func:`noise_ceiling`: the best correlation any estimator can reach against a seed-noisy ground truth.
@@ -106,6 +108,29 @@ def relative_error(pred: ArrayLike, true: ArrayLike) -> float:
     if norm == 0:
         raise ValueError("true is all zeros: the relative error is undefined; report the absolute error instead")
     return float(np.linalg.norm(x - y) / norm)
+
+
+def pointwise_error(pred: ArrayLike, true: ArrayLike) -> float:
+    """Median over points of ``|pred_i − true_i| / |true_i|`` (points with ``true_i = 0`` skipped). O(n)."""
+    x, y = _pair(pred, true, ("pred", "true"), min_n=1)
+    keep = y != 0
+    if not keep.any():
+        raise ValueError("true is all zeros: the pointwise relative error is undefined")
+    return float(np.median(np.abs(x[keep] - y[keep]) / np.abs(y[keep])))
+
+
+def rank_resolution(values: ArrayLike) -> float:
+    """Median relative gap between neighbours in rank order: ``|v₍ₖ₊₁₎ − v₍ₖ₎| / max(|v₍ₖ₎|, |v₍ₖ₊₁₎|)``. O(n log n).
+
+    The precision an estimate needs to rank ``values`` right: an estimate whose :func:`pointwise_error` is larger
+    than this swaps neighbours, and Spearman's correlation falls short of 1 even when the values agree well.
+    """
+    v = np.sort(_as_1d(values, "values"))
+    if v.size < 2:
+        raise ValueError(f"values has {v.size} entries: a rank resolution needs at least 2")
+    top = np.maximum(np.abs(v[1:]), np.abs(v[:-1]))
+    gaps = np.divide(np.diff(v), top, out=np.zeros_like(top), where=top > 0)
+    return float(np.median(gaps))
 
 
 # Vectorised statistics for scipy.stats.bootstrap: rows of resamples along the last axis. They call scipy the

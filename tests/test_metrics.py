@@ -133,3 +133,22 @@ def test_mean_abs_inflates_scattered_correlations():
     assert out["inflation"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         M.mean_abs_vs_signed([1.5])
+
+
+def test_rank_resolution_and_pointwise_error_by_hand():
+    # sorted 1, 1.1, 2, 4: gaps 0.1/1.1, 0.9/2, 2/4 -> median 0.45
+    assert M.rank_resolution([4.0, 1.0, 2.0, 1.1]) == pytest.approx(0.45)
+    assert M.rank_resolution(np.array([-2.0, 2.0])) == pytest.approx(2.0)  # a sign change is a full gap and more
+    assert M.pointwise_error([1.1, 2.0, 5.0, 0.3], [1.0, 2.0, 4.0, 0.0]) == pytest.approx(0.1)  # 0 skipped
+    with pytest.raises(ValueError, match="at least 2"):
+        M.rank_resolution([1.0])
+    with pytest.raises(ValueError, match="all zeros"):
+        M.pointwise_error([1.0, 2.0], [0.0, 0.0])
+
+
+def test_errors_above_the_rank_resolution_cost_spearman():
+    rng = np.random.default_rng(0)
+    true = np.sort(rng.uniform(1.0, 1.5, 50))  # tightly clustered values
+    noisy = true * (1 + 0.05 * rng.standard_normal(50))
+    assert M.pointwise_error(noisy, true) > M.rank_resolution(true)
+    assert M.spearman(noisy, true) < 0.99 < M.pearson(np.r_[noisy, 10.0], np.r_[true, 10.0])
