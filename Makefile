@@ -31,9 +31,11 @@ chapter: $(STAMP)
 html: $(STAMP)
 	$(PY) -m helpers.build html --profile $(PROFILE)
 
-## make test: unit tests, every chapter in the smoke profile, a smoke build of the book, and a browser check
+## make test: unit tests, every chapter in the smoke profile, a smoke build of the book, and a browser check.
+# Two pytest workers (pytest-xdist), one test file at a time each: the smoke book is built once (tests/conftest.py
+# shares it under a file lock) while the other worker runs the unit tests.
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # Headless Chromium for tests/test_browser.py: Debian's package, installed when absent and we are root.
 browser:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import nbformat
+from filelock import FileLock
 import pytest
 
 from helpers import build
@@ -72,13 +74,25 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The whole book built once per test session in the smoke profile, into a fresh folder and cache."""
-    out = tmp_path_factory.mktemp("smoke_build")
-    mp = pytest.MonkeyPatch()
-    mp.delenv("BOOK_CACHE_DIR", raising=False)
-    mp.delenv("BOOK_CACHE", raising=False)
-    try:
-        build.build_book("smoke", build_dir=out, quiet=True)
-    finally:
-        mp.undo()
+    """The whole book built once per test session in the smoke profile, into a fresh folder and cache.
+
+    Under ``make test`` two pytest-xdist workers share it: the first to ask builds it under a file lock in their
+    common temporary folder, the other waits and reuses it (one build, not two).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' basetemps are siblings
+    out, done = shared / "smoke_build", shared / "smoke_build.complete"
+    with FileLock(str(shared / "smoke_build.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that died half-way
+            out.mkdir()
+            mp = pytest.MonkeyPatch()
+            mp.delenv("BOOK_CACHE_DIR", raising=False)
+            mp.delenv("BOOK_CACHE", raising=False)
+            try:
+                build.build_book("smoke", build_dir=out, quiet=True)
+            finally:
+                mp.undo()
+            done.touch()
     return out

@@ -104,7 +104,23 @@ def check_validation(r: dict[str, Any]) -> None:
     assert r["_meta"]["profile"] == "smoke"
 
 
+def check_own_model(r: dict[str, Any]) -> None:
+    # The template chapter on its example model: every ground truth scored with intervals, the noise ceiling, and
+    # the known-answer check (last layer alone, exact leave-one-out) that the pipeline pairs points correctly.
+    from helpers.own_model import TRUTH_TAGS
+
+    for tag in TRUTH_TAGS.values():
+        for m in ("pearson", "spearman"):
+            v, lo, hi = (r[f"{tag}_{m}{s}"] for s in ("", "_low", "_high"))
+            assert -1 <= lo <= hi <= 1 and -1 <= v <= 1 and lo <= v + 1e-12 <= hi + 2e-12, (tag, m, lo, v, hi)
+    assert 0 <= r["ceiling_single"] <= r["ceiling"] <= 1
+    assert r["known_pearson"] > 0.99 and r["pbrf_gn_pearson"] > 0.8
+    assert r["checks_ok"] + r["checks_warning"] >= 7
+    assert r["_meta"]["profile"] == "smoke"
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"intro": check_intro, "convex": check_convex}
+CHECKS["own_model"] = check_own_model
 CHECKS["nonconvex"] = check_nonconvex
 CHECKS["validation"] = check_validation
 
@@ -136,8 +152,11 @@ def test_smoke_book_renders_intro_with_figure_and_numbers(smoke_book: Path) -> N
 
 def test_smoke_book_has_api_reference_and_bibliography(smoke_book: Path) -> None:
     api = (smoke_book / "html" / "book" / "api.html").read_text()
-    for name in ("predict_removal", "warm_start", "hessian_operator", "memoize", "Recipe"):
-        assert f'id="helpers.' in api and name in api, f"API page lacks {name}"
+    for name in ("influence.predict_removal", "retrain.warm_start", "curvature.hessian_operator", "cache.memoize",
+                 "train.Recipe", "convex.verify", "sweeps.run_deep", "validation.run_protocols",
+                 "own_model.run_checklist", "dispatch.run_many"):
+        assert f'id="helpers.{name}"' in api, f"API page lacks helpers.{name}"
+    assert "Undefined substitution" not in api and "|ρ|" in api  # docstrings' absolute values survive
     bib = (smoke_book / "html" / "book" / "references.html").read_text()
     assert "understanding black-box predictions via influence functions" in bib.lower()
 

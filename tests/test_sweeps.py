@@ -339,3 +339,12 @@ def test_paired_bars_draws_every_available_bar() -> None:
     with pytest.raises(KeyError, match="lacks"):
         sweeps.paired_bars(ax, frame, "v", [("C", "c", "C2")])
     plt.close(fig)
+
+
+def test_deep_models_use_a_gpu_when_one_is_there(monkeypatch) -> None:
+    """`device="auto"` (the default, so the paper profile's image models) picks CUDA whenever torch sees it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sweeps.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sweeps.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cpu")
+    assert sweeps.DeepConfig(dataset="mnist5k", model="fc16", device="cpu").torch_device.type == "cpu"

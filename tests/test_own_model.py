@@ -1,0 +1,352 @@
+"""helpers.own_model and the template chapter book/own_model.ipynb, run on a model factory defined in this file.
+
+The factories below are reached as ``"tests.test_own_model:<name>"``. ``tests`` has no ``__init__.py``: it is a
+namespace package, importable whenever the repository root is on ``sys.path``. In this process the tests put it
+there with ``monkeypatch.syspath_prepend`` (``python -m pytest`` from the root has it already; plain ``pytest`` may
+not); in the chapter's kernel :func:`helpers.build.execute_chapter` puts the root on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from helpers import build, data
+from helpers import own_model as O
+from helpers import validation as V
+from helpers.train import Recipe
+
+REPO = Path(__file__).resolve().parent.parent
+HERE = "tests.test_own_model"
+
+
+# ----------------------------------------------------------------------------- factories (used by the chapter)
+
+
+def tiny_net(in_features: int, n_classes: int, width: int = 6) -> nn.Module:
+    """A plain nn.Sequential without ``last_layer``: the chapter must find its final nn.Linear itself."""
+    return nn.Sequential(nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, n_classes))
+
+
+def positional_only(d, c):  # wrong contract: no in_features / n_classes keywords
+    return tiny_net(d, c)
+
+
+def returns_tensor(in_features: int, n_classes: int):
+    return torch.zeros(in_features, n_classes)
+
+
+def wrong_width(in_features: int, n_classes: int) -> nn.Module:
+    return tiny_net(in_features, n_classes + 1)
+
+
+def with_softmax(in_features: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(tiny_net(in_features, n_classes), nn.Softmax(dim=1))
+
+
+def with_dropout(in_features: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_features, 4), nn.Dropout(0.5), nn.Linear(4, n_classes))
+
+
+def with_batchnorm(in_features: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_features, 4), nn.BatchNorm1d(4), nn.Linear(4, n_classes))
+
+
+class _NoLinear(nn.Module):
+    def __init__(self, d: int, c: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, c))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def without_linear(in_features: int, n_classes: int) -> nn.Module:
+    return _NoLinear(in_features, n_classes)
+
+
+def without_parameters(in_features: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Identity())
+
+
+NOT_CALLABLE = 3
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository root on sys.path, so that ``tests.test_own_model`` imports (see the module docstring)."""
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def tensors(n_train: int = 60, n_test: int = 24, d: int = 5, c: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A learnable synthetic problem: labels from a noisy linear rule, every class in both parts."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, c, generator=g, dtype=torch.float64)
+    out = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = (x @ w + 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64)).argmax(1)
+        y[:c] = torch.arange(c)  # every class present
+        out[f"x_{part}"], out[f"y_{part}"] = x, y
+    return out
+
+
+def save(tmp_path: Path, obj, name: str = "tensors.pt") -> Path:
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- load_factory
+
+
+def test_load_factory_finds_a_factory_in_this_file(importable) -> None:
+    f = O.load_factory(f"{HERE}:tiny_net")
+    assert callable(f) and f.__name__ == "tiny_net" and f.__module__ == HERE
+
+
+def test_load_factory_reads_a_python_file(tmp_path: Path) -> None:
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def make(in_features, n_classes):\n    return nn.Linear(in_features, n_classes)\n")
+    f = O.load_factory(f"{tmp_path / 'my_models.py'}:make")
+    assert isinstance(f(in_features=3, n_classes=2), nn.Linear)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        O.load_factory(f"{tmp_path / 'nope.py'}:make")
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ("tests.test_own_model.tiny_net", ValueError, "'module:function'"),
+    ("a:b:c", ValueError, "exactly one colon"),
+    (":tiny_net", ValueError, "empty module or function"),
+    (f"{HERE}:", ValueError, "empty module or function"),
+    ("no_such_package_xyz.models:make_net", ModuleNotFoundError, "PYTHONPATH"),
+    (f"{HERE}:no_such_factory", AttributeError, "no attribute 'no_such_factory'.*tiny_net"),
+    (f"{HERE}:NOT_CALLABLE", TypeError, "not a callable"),
+], ids=["no-colon", "two-colons", "no-module", "no-function", "module-missing", "attribute-missing",
+        "not-callable"])
+def test_load_factory_errors_name_the_problem_and_the_fix(importable, spec: str, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        O.load_factory(spec)
+
+
+def test_load_factory_tells_a_missing_dependency_from_a_missing_module(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="imports 'no_such_dependency_xyz', which is not installed"):
+        O.load_factory("needs_dep:make")
+    with pytest.raises(ImportError, match="RuntimeError: broken on purpose"):
+        O.load_factory("raises_on_import:make")
+
+
+# -------------------------------------------------------------------------------------------- build_model
+
+
+def test_build_model_wraps_a_model_without_last_layer(importable) -> None:
+    train = (torch.randn(10, 5, dtype=torch.float64), torch.arange(10) % 3)
+    model = O.build_model(O.load_factory(f"{HERE}:tiny_net"), train, 3, seed=1)
+    assert isinstance(model, O.LastLayerView) and model.last_layer is model.net[2]
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model(train[0]).shape == (10, 3)
+    # the seed fixes the initialisation; another seed changes it; the global RNG is untouched
+    state = torch.get_rng_state()
+    again = O.build_model(tiny_net, train, 3, seed=1)
+    other = O.build_model(tiny_net, train, 3, seed=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(model.net[0].weight, again.net[0].weight)
+    assert not torch.equal(model.net[0].weight, other.net[0].weight)
+    # factory_kwargs reach the factory
+    wide = O.build_model(tiny_net, train, 3, factory_kwargs={"width": 9})
+    assert wide.net[0].out_features == 9
+
+
+def test_example_factory_is_the_residual_mlp() -> None:
+    train, test = O.load_data("wine")
+    model = O.build_model(O.load_factory("helpers.own_model:example_factory"), train, O.n_classes_of(train, test))
+    assert isinstance(model, O.ResidualMLP) and model.last_layer is model.out
+    assert sum(p.numel() for p in model.parameters()) == 393  # small enough for the dense Hessian (d <= 500)
+
+
+@pytest.mark.parametrize("factory, error, match", [
+    (positional_only, TypeError, "accept the keyword arguments in_features and n_classes"),
+    (returns_tensor, TypeError, "not a torch.nn.Module"),
+    (without_parameters, ValueError, "no trainable parameters"),
+    (wrong_width, ValueError, r"must return logits \[8, 3\]"),
+    (with_softmax, ValueError, "does not end at the last nn.Linear"),
+    (with_dropout, ValueError, "dropout or batch norm: 1 \\(Dropout\\)"),
+    (with_batchnorm, ValueError, "dropout or batch norm: 1 \\(BatchNorm1d\\)"),
+    (without_linear, ValueError, "no nn.Linear layer"),
+])
+def test_build_model_errors_name_the_problem_and_the_fix(factory, error: type, match: str) -> None:
+    train = (torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 3)
+    with pytest.raises(error, match=match):
+        O.build_model(factory, train, 3)
+
+
+# ---------------------------------------------------------------------------------------------- load_data
+
+
+def test_load_data_reads_a_tensor_file(tmp_path: Path) -> None:
+    t = tensors()
+    t["x_train"] = t["x_train"].float()  # any real dtype: cast to float64
+    t["extra"] = torch.zeros(1)  # other keys are ignored
+    train, test = O.load_data(save(tmp_path, t))
+    assert train[0].dtype == torch.float64 and train[1].dtype == torch.int64
+    assert torch.equal(train[0], t["x_train"].double()) and torch.equal(test[1], t["y_test"])
+    assert O.n_classes_of(train, test) == 3
+    # caps: a seeded random subset in stored order
+    a, _ = O.load_data(save(tmp_path, t), n_train=20, n_test=5, seed=3)
+    b, _ = O.load_data(save(tmp_path, t), n_train=20, n_test=5, seed=3)
+    assert a[0].shape == (20, 5) and torch.equal(a[0], b[0])
+    rows = [int(torch.nonzero((t["x_train"].double() == r).all(1))[0]) for r in a[0]]
+    assert rows == sorted(rows)
+
+
+def test_load_data_relative_path_and_dataset_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, tensors())
+    monkeypatch.chdir(tmp_path)
+    assert O.load_data("tensors.pt")[0][0].shape == (60, 5)
+    train, test = O.load_data("wine", n_train=50, n_test=20, seed=1)
+    split = data.load("wine", n_train=50, n_test=20, seed=1)
+    assert torch.equal(train[0], split.x_train) and torch.equal(test[1], split.y_test)
+
+
+def _mutate(change):
+    t = tensors()
+    change(t)
+    return t
+
+
+BAD_FILES = [
+    ("missing-key", _mutate(lambda t: t.pop("y_test")), "lacks the key\\(s\\) y_test"),
+    ("not-a-dict", [torch.zeros(3)], "not a dict"),
+    ("not-a-tensor", _mutate(lambda t: t.update(y_train=t["y_train"].tolist())), "not a torch.Tensor"),
+    ("x-one-dimensional", _mutate(lambda t: t.update(x_train=t["x_train"][:, 0])), "must be \\[n, ...\\]"),
+    ("x-complex", _mutate(lambda t: t.update(x_test=t["x_test"].to(torch.complex128))), "real numbers"),
+    ("x-nan", _mutate(lambda t: t["x_train"].__setitem__((4, 2), float("nan"))), "1 non-finite value"),
+    ("y-float", _mutate(lambda t: t.update(y_train=t["y_train"] + 0.5)), "integer tensor"),
+    ("y-float-integral", _mutate(lambda t: t.update(y_test=t["y_test"].double())), "save y.long\\(\\)"),
+    ("y-one-hot", _mutate(lambda t: t.update(y_train=torch.nn.functional.one_hot(t["y_train"]))), "not one-hot"),
+    ("rows-differ", _mutate(lambda t: t.update(y_train=t["y_train"][:-1])), "60 rows but y_train has 59"),
+    ("shapes-differ", _mutate(lambda t: t.update(x_test=t["x_test"][:, :4])), "must match"),
+    ("negative-label", _mutate(lambda t: t["y_test"].__setitem__(0, -1)), "found -1"),
+    ("class-absent", _mutate(lambda t: t.update(y_test=torch.where(t["y_test"] == 0, 3, t["y_test"]))),
+     "classes absent from y_train: \\[3\\]"),
+]
+
+
+@pytest.mark.parametrize("obj, match", [b[1:] for b in BAD_FILES], ids=[b[0] for b in BAD_FILES])
+def test_load_data_errors_name_the_problem_and_the_fix(tmp_path: Path, obj, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        O.load_data(save(tmp_path, obj))
+
+
+def test_load_data_refuses_unreadable_files_unknown_names_and_large_caps(tmp_path: Path) -> None:
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read .* as a torch.save file"):
+        O.load_data(tmp_path / "garbage.pt")
+    with pytest.raises(FileNotFoundError, match="neither a dataset name .*wine.* nor an existing file"):
+        O.load_data("wiine")
+    with pytest.raises(ValueError, match="n_train=61 but the file holds 60"):
+        O.load_data(save(tmp_path, tensors()), n_train=61)
+    with pytest.raises(ValueError, match="positive int or None"):
+        O.load_data("wine", n_test=0)
+
+
+def test_run_checklist_refuses_settings_it_cannot_measure() -> None:
+    train, test = (torch.randn(30, 5, dtype=torch.float64), torch.arange(30) % 3), \
+        (torch.randn(6, 5, dtype=torch.float64), torch.arange(6) % 3)
+    model = O.build_model(tiny_net, train, 3)
+    adam = Recipe(optimizer="adam", lr=1e-2, epochs=5, weight_decay=1e-2)
+    for kwargs, match in [({"n_seeds": 1}, "n_seeds must be >= 2"), ({"k": 31}, "k \\(candidates\\)"),
+                          ({"k": 10, "cold_k": 11}, "cold_k must lie in")]:
+        with pytest.raises(ValueError, match=match):
+            O.run_checklist(model, train, test, adam, cache=False, **kwargs)
+    with pytest.raises(ValueError, match="float64"):
+        O.run_checklist(model, train, test, adam.replace(dtype="float32"), cache=False)
+
+
+def test_run_checklist_on_the_last_layer_with_mini_batches() -> None:
+    """The other branches: estimate on the last layer (PBRF on the head), θ̂ and warm starts by mini-batches."""
+    t = tensors()
+    train, test = (t["x_train"], t["y_train"]), (t["x_test"], t["y_test"])
+    model = O.build_model(tiny_net, train, 3)
+    r = O.run_checklist(model, train, test, Recipe(optimizer="adam", lr=1e-2, epochs=60, weight_decay=1e-2,
+                                                   batch_size=20),
+                        params="last", retrain_epochs=10, every=5, head_epochs=10, k=8, cold_k=5, n_seeds=2,
+                        n_bootstrap=50, cache=False, progress=False)
+    h = r.headline
+    assert h["n_params_estimate"] == 6 * 3 + 3 and h["n_params"] == 5 * 6 + 6 + 6 * 3 + 3
+    assert all(math.isfinite(v) for v in h.values())
+    assert r.problem.params == "last" and r.truths["warm_all"].recipe["batch_size"] == 20
+    assert {O.cold_name(2), "warm all", "warm last", "PBRF"} <= set(r.agreement.ground_truth)
+    assert r.pick("PBRF", estimate="GN+δ") == h["pbrf_gn_pearson"]
+    assert len(r.checks) == 10 and r.paths.epoch.tolist() == [5, 10]
+    # the last layer retrained exactly agrees with its own influence (a broken pipeline gives about 0; at n = 60
+    # with a barely trained θ̂ the leverage term keeps it a little below the chapter's 0.99)
+    assert h["known_pearson"] > O.KNOWN_ANSWER_OK
+
+
+# ---------------------------------------------------------------------- the chapter, end to end, smoke profile
+
+
+def test_chapter_runs_on_a_factory_defined_in_this_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """book/own_model.ipynb through the build's runner (smoke profile), on ``tiny_net`` and a tensor file.
+
+    The chapter is run through :func:`helpers.build.execute_chapter` with a hand-made
+    :class:`~helpers.build.Chapter`, which works whether or not the chapter is listed in _toc.yml.
+    """
+    monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path / "cache"))  # a fresh cache: everything is computed
+    path = save(tmp_path, tensors())
+    chapter = build.Chapter(name="own_model", path=Path("book/own_model.ipynb"))
+    out = tmp_path / "_build"
+    build.execute_chapter(chapter, "smoke", overrides={"factory": f"{HERE}:tiny_net", "data": str(path)},
+                          build_dir=out, quiet=True)
+
+    r = json.loads((out / "records" / "own_model.json").read_text())
+    assert r["_meta"]["parameters"]["factory"] == f"{HERE}:tiny_net" and r["_meta"]["profile"] == "smoke"
+    assert (r["n_train"], r["n_test"], r["in_features"], r["n_classes"]) == (60, 24, 5, 3)
+    assert r["n_params"] == 5 * 6 + 6 + 6 * 3 + 3  # tiny_net's, not the example's
+    numbers = {k: v for k, v in r.items() if k != "_meta"}
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values()), numbers
+    for tag in O.TRUTH_TAGS.values():
+        for m in V.AGREEMENT_METRICS:
+            v, lo, hi = (r[f"{tag}_{m}{s}"] for s in ("", "_low", "_high"))
+            assert lo <= hi, (tag, m, lo, hi)
+            if m in ("pearson", "spearman", "kendall"):
+                assert -1 <= lo and hi <= 1 and -1 <= v <= 1, (tag, m)
+    assert 0 <= r["ceiling_single"] <= r["ceiling"] <= 1
+    assert r["pbrf_drift"] == 0  # the PBRF's drift member starts at its own minimiser and stays there
+    # the known answer: on the convex last layer influence equals exact leave-one-out
+    assert r["known_pearson"] > 0.99 and r["known_grad_norm"] < 1e-8
+    # the Gauss-Newton estimate tracks the PBRF it linearises (chapter 3 asserts the same on its models)
+    assert r["pbrf_gn_pearson"] > 0.8
+    assert r["checks_ok"] + r["checks_warning"] <= 8
+
+    agreement = pd.read_csv(out / "data" / "own_model" / "agreement.csv")
+    truths = set(agreement.ground_truth)
+    assert {"cold (2 seeds)", "cold (1 seed)", "warm all", "warm all − drift", "warm last", "PBRF"} <= truths
+    assert set(agreement.metric) == set(V.AGREEMENT_METRICS)
+    assert np.isfinite(agreement[["value", "low", "high", "ceiling", "drift_ratio"]].to_numpy()).all()
+    assert (agreement.low <= agreement.high).all()
+    assert set(agreement[agreement.ground_truth == "PBRF"].estimate) == {"H+δ", "GN+δ"}
+    checks = pd.read_csv(out / "data" / "own_model" / "checklist.csv")
+    assert sorted(set(checks["item"])) == list(range(1, 10))
+    assert set(checks.verdict) <= {"ok", "warning", "reported", "not covered"}
+
+    nb = json.loads((out / "executed" / "smoke" / "own_model.ipynb").read_text())
+    streams = [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "stream"]
+    assert any("Tanh()" in "".join(o["text"]) for o in streams)  # the printed model is this file's tiny_net
+    assert not [o for o in streams if o["name"] == "stderr"], "the chapter printed warnings"
