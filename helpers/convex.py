@@ -60,6 +60,7 @@ __all__ = [
     "ConvexFit",
     "HessianFactor",
     "SoftmaxRegressionOperator",
+    "BudgetRun",
     "Verification",
     "choose_test_points",
     "compare",
@@ -74,6 +75,7 @@ __all__ = [
     "removal_effects",
     "softmax_regression_hessian",
     "softmax_regression_operator",
+    "solver_budgets",
     "solve_exact",
     "truth_at",
     "verify",
@@ -1094,6 +1096,58 @@ def lissa_path(op: CurvatureOperator, B: Tensor, depths: Sequence[int], *, scale
                              method="lissa", iterations=D, damping=float(damping),
                              info={"hvps": D * B2.shape[1], "scale": float(scale)})
     return out
+
+
+@dataclass
+class BudgetRun:
+    """One solver at one budget (:func:`solver_budgets`): ``x`` the ``[c·d]`` solution, ``hvps`` its cost."""
+
+    solver: str
+    knob: int
+    hvps: int
+    x: Tensor
+
+
+def solver_budgets(x: Tensor, y: Tensor, theta: Tensor, x_test: Tensor, y_test: Tensor, *, l2: float,
+                   cg_iterations: Sequence[int], lissa_depths: Sequence[int], lissa_scales: Sequence[float],
+                   arnoldi_ranks: Sequence[int]) -> tuple[float, list[BudgetRun]]:
+    """H⁻¹∇ℓ(z_test) by budgeted solvers on the closed-form operator; cached (:func:`helpers.cache.memoize`).
+
+    Conjugate gradients with ``maxiter`` = each of ``cg_iterations`` (no tolerance: the budget is the knob),
+    deterministic LiSSA at each depth of ``lissa_depths`` (one run per scale: :func:`lissa_path`; a scale of 0
+    means λ_max(H), found by Lanczos), and the Arnoldi low-rank inverse at each rank of ``arnoldi_ranks``.
+
+    Args:
+        x, y: training data; theta: ``[c, d]`` weights; x_test, y_test: ONE test point (``[1, d]``, ``[1]``).
+
+    Returns:
+        (λ_max(H), runs in the order above), ``solver`` labels ``"cg"``, ``"lissa, s = λmax"`` /
+        ``"lissa, s = <scale>"``, ``"arnoldi"``.
+    """
+    if x_test.shape[0] != 1:
+        raise ValueError(f"solver_budgets takes one test point, got {x_test.shape[0]}: pass x_test[:1], y_test[:1]")
+    params = {"x": x, "y": y, "theta": theta, "x_test": x_test, "y_test": y_test, "l2": float(l2),
+              "cg_iterations": [int(i) for i in cg_iterations], "lissa_depths": [int(i) for i in lissa_depths],
+              "lissa_scales": [float(v) for v in lissa_scales], "arnoldi_ranks": [int(r) for r in arnoldi_ranks]}
+
+    def compute() -> tuple[float, list[BudgetRun]]:
+        op = softmax_regression_operator(x, theta, l2=l2)
+        g = per_sample_grads(x_test, y_test, theta).T.contiguous()
+        lam_max = float(extreme_eigenvalues(op, 1, "LA")[0])
+        runs = []
+        for iters in params["cg_iterations"]:
+            res = predict_removal(x, y, x_test, y_test, theta, l2=l2, method="cg", maxiter=iters, rtol=0.0)
+            runs.append(BudgetRun("cg", iters, int(res.solve.info["hvps"]), res.solve.x[:, 0]))
+        for scale in params["lissa_scales"]:
+            label = "lissa, s = λmax" if scale == 0 else f"lissa, s = {scale:g}"
+            for depth, res in lissa_path(op, g, params["lissa_depths"], scale=scale or lam_max).items():
+                runs.append(BudgetRun(label, depth, int(res.info["hvps"]), res.x[:, 0]))
+        for rank in params["arnoldi_ranks"]:
+            res = predict_removal(x, y, x_test, y_test, theta, l2=l2, method="arnoldi", rank=rank)
+            runs.append(BudgetRun("arnoldi", rank, int(res.solve.info["hvps"]), res.solve.x[:, 0]))
+        return lam_max, runs
+
+    return memoize("convex_solver_budgets", params, compute)
 
 
 # ----------------------------------------------------------------------------------------------------------

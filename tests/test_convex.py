@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import convex, influence, models, retrain, train
+from helpers import cache, convex, influence, models, retrain, train
 from helpers.curvature import hessian_operator
 from helpers.objective import model_params, objective, removal_weights
 from helpers.solvers import solve
@@ -232,6 +232,29 @@ def test_lissa_path_equals_separate_runs(fitted):
         assert torch.equal(res.x, ref.x), depth
         assert torch.allclose(res.relative_residual, ref.relative_residual, rtol=1e-12, atol=0)
         assert res.info["hvps"] == depth * b.shape[1]
+
+
+def test_solver_budgets_are_the_solvers_runs_and_cached(fitted, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path))
+    x, y, xt, yt, f = fitted
+    kwargs = dict(l2=L2, cg_iterations=[1, 50], lissa_depths=[5, 20], lissa_scales=[0.0, 4.0], arnoldi_ranks=[3])
+    lam_max, runs = convex.solver_budgets(x, y, f.theta, xt[:1], yt[:1], **kwargs)
+    dense = convex.softmax_regression_hessian(x, f.theta, l2=L2)
+    assert lam_max == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
+    assert [(r.solver, r.knob) for r in runs] == [("cg", 1), ("cg", 50), ("lissa, s = λmax", 5), ("lissa, s = λmax", 20),
+                                                   ("lissa, s = 4", 5), ("lissa, s = 4", 20), ("arnoldi", 3)]
+    g = convex.per_sample_grads(xt[:1], yt[:1], f.theta)[0]
+    exact = torch.linalg.solve(dense, g)
+    assert torch.allclose(runs[1].x, exact, rtol=1e-8, atol=1e-10)  # 50 CG steps on 18 unknowns: exact
+    assert (runs[0].x - exact).norm() > 1e-3 * exact.norm()  # one step is not
+    ref = solve(convex.softmax_regression_operator(x, f.theta, l2=L2), g[:, None], method="lissa", depth=20,
+                scale=4.0)
+    assert torch.equal(runs[5].x, ref.x[:, 0]) and runs[5].hvps == 20
+    again = convex.solver_budgets(x, y, f.theta, xt[:1], yt[:1], **kwargs)
+    assert torch.equal(again[1][3].x, runs[3].x)
+    assert [e["event"] for e in cache.read_log(tmp_path)] == ["miss", "hit"]
+    with pytest.raises(ValueError, match="one test point"):
+        convex.solver_budgets(x, y, f.theta, xt, yt, **kwargs)
 
 
 def test_verify_and_compare(fitted):
