@@ -759,7 +759,8 @@ def _fit(x: Tensor, y: Tensor, theta0: Tensor, w: Tensor | None, l2: float, tol:
 def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, theta: Tensor, *,
                     l2: float, weights: Tensor | None = None, damping: float = 0.0,
                     include_l2_in_hessian: bool = True, method: Method = "exact",
-                    factor: HessianFactor | None = None, **solver_options: Any) -> InfluenceResult:
+                    factor: HessianFactor | None = None, cache: bool = False,
+                    **solver_options: Any) -> InfluenceResult:
     """Δ_pred ``[n_test, n_train]`` for softmax regression at W: the predicted change of each test loss when each
     training point is removed (loss units; positive = the point helped), the book's convention (STUDY.md §1):
 
@@ -777,6 +778,9 @@ def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Te
             ``**solver_options`` (e.g. ``maxiter``, ``depth``, ``scale``, ``rank``).
         include_l2_in_hessian: ``False`` solves with the data term alone (singular: give damping > 0, or
             ``method="pinv"``).
+        cache: memoize the result (:func:`helpers.cache.memoize`) under every argument but ``factor``, which only
+            makes the solve faster (direct or preconditioned), never changes its answer beyond the solver's
+            tolerance.
 
     Returns:
         :class:`helpers.influence.InfluenceResult` (``solve.relative_residual`` per test point, ``solve.info["hvps"]``
@@ -784,6 +788,13 @@ def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Te
 
     Cost: one solve with n_test right-hand sides and two GEMMs of n_train·d·(n_test·c).
     """
+    if cache:
+        key = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "theta": theta,
+               "l2": float(l2), "weights": weights, "damping": float(damping),
+               "include_l2_in_hessian": bool(include_l2_in_hessian), "method": method, **solver_options}
+        return memoize("convex_predict_removal", key, lambda: predict_removal(
+            x_train, y_train, x_test, y_test, theta, l2=l2, weights=weights, damping=damping,
+            include_l2_in_hessian=include_l2_in_hessian, method=method, factor=factor, **solver_options))
     _check_xy(x_train, y_train)
     _check_xy(x_test, y_test, "test")
     _check_theta(theta, x_train.shape[1])

@@ -234,6 +234,20 @@ def test_lissa_path_equals_separate_runs(fitted):
         assert res.info["hvps"] == depth * b.shape[1]
 
 
+def test_predict_removal_cache_ignores_the_factor(fitted, tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path))
+    x, y, xt, yt, f = fitted
+    plain = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.1)
+    factor = convex.factorize(x, f.theta, l2=L2, damping=0.1)
+    first = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.1, factor=factor, cache=True)
+    again = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.1, cache=True)
+    assert torch.allclose(first.values, plain.values, rtol=1e-10, atol=1e-14)
+    assert torch.equal(again.values, first.values)
+    other = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.2, cache=True)
+    assert not torch.allclose(other.values, first.values)
+    assert [e["event"] for e in cache.read_log(tmp_path)] == ["miss", "hit", "miss"]
+
+
 def test_solver_budgets_are_the_solvers_runs_and_cached(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path))
     x, y, xt, yt, f = fitted
