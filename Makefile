@@ -35,7 +35,7 @@ html: $(STAMP)
 # Two pytest workers (pytest-xdist), one test file at a time each: the smoke book is built once (tests/conftest.py
 # shares it under a file lock) while the other worker runs the unit tests.
 test: $(STAMP) browser
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) tools/timed.py make-test -- $(PY) -m pytest -n 2 --dist loadfile
 
 # Headless Chromium for tests/test_browser.py: Debian's package, installed when absent and we are root.
 browser:
@@ -46,6 +46,26 @@ browser:
 	       { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) || \
 	      echo "warning: could not install chromium; tests/test_browser.py will say how"; \
 	    else echo "note: chromium is missing; install it with: sudo apt-get install -y chromium"; fi; }
+
+## make bench: helpers against captum, dattri and pyDVL on problems P1 and P2 (benchmarks/peers; long, on demand)
+# The peers live outside the tested set: captum and dattri in the `bench` extra of .venv, pyDVL (numpy<2) in its
+# own .venv-pydvl, run as a subprocess. Never part of `make test`.
+PYDVL   := .venv-pydvl
+BENCH_STAMP := $(VENV)/.bench-installed
+PYDVL_STAMP := $(PYDVL)/.installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+$(PYDVL_STAMP): benchmarks/peers/requirements-pydvl.txt
+	test -x $(PYDVL)/bin/python || $(PYTHON) -m venv $(PYDVL)
+	$(PYDVL)/bin/python -m pip install --quiet --upgrade pip
+	$(PYDVL)/bin/python -m pip install --quiet -r benchmarks/peers/requirements-pydvl.txt
+	touch $@
+
+bench: $(BENCH_STAMP) $(PYDVL_STAMP)
+	$(PY) -m benchmarks.peers.run $(ARGS)
 
 clean:
 	rm -rf _build

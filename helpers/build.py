@@ -11,6 +11,8 @@ Layout of the build folder (``_build/`` unless ``--build-dir`` / ``$BOOK_BUILD_D
     executed/<profile>/<chapter>.ipynb   executed notebooks
     data/<chapter>/*.csv                 the data behind every figure
     records/<chapter>.json               the numbers each chapter records (asserted by its test)
+    timings/<profile>.json               seconds and cache hits/misses of every executed chapter, and the
+                                         latest whole-book build of each kind (read by ``make bench``)
     cache/                               expensive results (helpers.cache), shared across builds
     html/index.html                      the rendered book
 
@@ -211,6 +213,7 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
     ``BOOK_OUTPUT_DIR`` (a private work folder for figure data and records) and ``BOOK_CACHE_DIR``.
     On success the executed notebook, ``data/<chapter>/`` and ``records/<chapter>.json`` are moved into
     ``build_dir``; on failure nothing of the run is kept and a :class:`BuildError` names chapter and cell.
+    Its seconds and cache hits/misses (from the cache's log) are recorded in ``timings/<profile>.json``.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -231,6 +234,7 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
     saved = {k: os.environ.get(k) for k in env_updates}
     os.environ.update(env_updates)  # the kernel inherits the environment of this process
     start = time.perf_counter()
+    started_at = time.time()
     try:
         if not quiet:
             print(f"[{profile}] {chapter.name}: executing with {params or 'its defaults'}", flush=True)
@@ -262,6 +266,8 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
     record = json.loads(records.read_text()) if records.exists() else {}
     record["_meta"] = {"profile": profile, "parameters": params, "seconds": round(seconds, 2)}
     _atomic_write_text(build_dir / "records" / f"{chapter.name}.json", json.dumps(record, indent=1))
+    hits, misses = _cache_events(Path(env_updates["BOOK_CACHE_DIR"]), chapter.name, started_at)
+    _record_chapter_timing(build_dir, profile, chapter.name, seconds, hits, misses, overrides or {})
     shutil.rmtree(work, ignore_errors=True)
     if not quiet:
         print(f"[{profile}] {chapter.name}: done in {seconds:.1f} s", flush=True)
@@ -298,6 +304,72 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- timings
+
+
+def timings_path(build_dir: Path, profile: str) -> Path:
+    """``<build_dir>/timings/<profile>.json``: what :func:`execute_chapter` and :func:`build_book` measured."""
+    return build_dir / "timings" / f"{profile}.json"
+
+
+def _cache_events(cache_dir: Path, chapter: str, since: float) -> tuple[int, int]:
+    """Cache hits and misses logged by ``chapter`` since ``since`` (epoch seconds), from the cache's log.jsonl."""
+    log = cache_dir / "log.jsonl"
+    counts = {"hit": 0, "miss": 0}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("chapter") == chapter and event.get("time", 0) >= since and event.get("event") in counts:
+                counts[event["event"]] += 1
+    return counts["hit"], counts["miss"]
+
+
+def _update_timings(build_dir: Path, profile: str, change: Any) -> dict[str, Any]:
+    path = timings_path(build_dir, profile)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault("profile", profile)
+    data.setdefault("chapters", {})
+    data.setdefault("builds", {})
+    change(data)
+    _atomic_write_text(path, json.dumps(data, indent=1))
+    return data
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _record_chapter_timing(build_dir: Path, profile: str, name: str, seconds: float, hits: int, misses: int,
+                           overrides: dict[str, Any]) -> None:
+    entry = {"seconds": round(seconds, 2), "cache_hits": hits, "cache_misses": misses, "finished": _now(),
+             "overrides": overrides}
+    _update_timings(build_dir, profile, lambda data: data["chapters"].__setitem__(name, entry))
+
+
+def _record_build(build_dir: Path, profile: str, names: list[str], seconds: float, html_seconds: float) -> None:
+    """Store a whole-book build as the latest of its kind: ``cold`` (every cache lookup of its chapters missed),
+    ``rebuild`` (every lookup hit: nothing had changed), ``partial`` (some of each) or ``uncached`` (none)."""
+
+    def change(data: dict[str, Any]) -> None:
+        chapters = {n: data["chapters"][n] for n in names if n in data["chapters"]}
+        hits = sum(c["cache_hits"] for c in chapters.values())
+        misses = sum(c["cache_misses"] for c in chapters.values())
+        kind = ("cold" if misses and not hits else "rebuild" if hits and not misses else
+                "partial" if hits else "uncached")
+        data["builds"][kind] = {"seconds": round(seconds, 2), "html_seconds": round(html_seconds, 2),
+                                "finished": _now(), "cache_hits": hits, "cache_misses": misses,
+                                "chapters": chapters}
+        data["last_build"] = kind
+
+    _update_timings(build_dir, profile, change)
 
 
 #: The parts of MathJax 3's es5 tree that ``tex-mml-chtml.js`` loads (fonts, TeX extensions, menu, a11y).
@@ -383,11 +455,21 @@ def build_html(profile: str = "default", *, build_dir: Path | None = None, root:
 
 def build_book(profile: str = "default", *, build_dir: Path | None = None, root: Path = REPO_ROOT,
                quiet: bool = False) -> Path:
-    """Execute every chapter of ``_toc.yml`` under ``profile`` (stopping at the first failure), then build HTML."""
+    """Execute every chapter of ``_toc.yml`` under ``profile`` (stopping at the first failure), then build HTML.
+
+    A completed build is recorded in ``timings/<profile>.json`` (wall time, HTML time, each chapter's seconds
+    and cache hits/misses) as the latest build of its kind; see :func:`timings_path`."""
     load_profile(profile, root)  # fail fast on an unknown profile, before any work
-    for chapter in notebook_chapters(root):
+    start = time.perf_counter()
+    chapters = notebook_chapters(root)
+    for chapter in chapters:
         execute_chapter(chapter, profile, build_dir=build_dir, root=root, quiet=quiet)
-    return build_html(profile, build_dir=build_dir, root=root, quiet=quiet)
+    html_start = time.perf_counter()
+    index = build_html(profile, build_dir=build_dir, root=root, quiet=quiet)
+    end = time.perf_counter()
+    _record_build((build_dir or build_dir_default()).resolve(), profile, [c.name for c in chapters], end - start,
+                  end - html_start)
+    return index
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -44,6 +44,7 @@ __all__ = [
     "check_problem",
     "extreme_eigenvalues",
     "hessian_operator",
+    "lanczos_ritz",
     "minibatch_hvp",
     "spectrum_summary",
 ]
@@ -240,6 +241,17 @@ class CurvatureOperator:
         # column 0.43 s vs 0.82 s), so a short batched solve (block CG) should not pay the seconds of tracing.
         self._calls += 1 if width < BATCHED else 0.25
         if self._upgrade is not None and self._calls > self._upgrade_after:
+            upgrade, self._upgrade = self._upgrade, None
+            self._apply = upgrade()
+
+    def expect(self, products: int) -> None:
+        """A caller about to make about ``products`` more products says so (LiSSA knows its depth, a fixed-size
+        Krylov method its dimension): the faster product that :func:`hessian_operator` builds lazily (the trace
+        of ``linearize=None``) is built now if that many products repay its one-off cost (≥
+        :data:`LINEARIZE_AFTER`), instead of after the first :data:`LINEARIZE_AFTER` calls. A no-op for
+        operators without a lazy product. Measured for the 784-64-10 MLP on 4,000 points: tracing 0.7 s, then
+        0.36 s instead of 0.45 s per 10-column product and 0.036 s instead of 0.11 s per single vector."""
+        if self._upgrade is not None and int(products) >= LINEARIZE_AFTER:
             upgrade, self._upgrade = self._upgrade, None
             self._apply = upgrade()
 
@@ -532,6 +544,7 @@ def extreme_eigenvalues(
     maxiter: int | None = None,
     seed: int = 0,
     return_eigenvectors: bool = False,
+    krylov_dim: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The k largest (``"LA"``), smallest (``"SA"``) or largest-magnitude (``"LM"``) eigenvalues of ``op``.
 
@@ -540,6 +553,10 @@ def extreme_eigenvalues(
     more for clustered ones (the smallest eigenvalues of a Hessian converge slowest); ``tol=0`` means machine
     precision; the start vector is drawn from ``seed`` so results are reproducible. ``method="dense"`` (or
     k ≥ d, which ARPACK cannot do) uses ``torch.linalg.eigh`` of :meth:`CurvatureOperator.dense` (d HVPs).
+    ``krylov_dim=m`` (with ``method="lanczos"``) replaces the restarted iteration by exactly m Lanczos steps
+    with full reorthogonalisation and returns the k extreme Ritz pairs of that one Krylov space
+    (:func:`lanczos_ritz`): a fixed cost of m products and no convergence test — the "Arnoldi" of Schioppa et
+    al. (2022) that captum, dattri and pyDVL implement; ``tol`` and ``maxiter`` are then unused.
 
     Returns:
         eigenvalues ``[k]`` in ascending order (operator dtype), and with ``return_eigenvectors`` the matching
@@ -551,16 +568,15 @@ def extreme_eigenvalues(
         raise ValueError(f"k must lie in [1, d={op.dim}], got {k}")
     if method not in ("lanczos", "dense"):
         raise ValueError(f"unknown method {method!r}: use 'lanczos' or 'dense'")
-    if method == "dense" or k >= op.dim:
+    if krylov_dim is not None and method == "lanczos" and k < op.dim:
+        vals, vecs = lanczos_ritz(op, int(krylov_dim), seed=seed)
+        if k > vals.numel():
+            raise ValueError(f"k={k} Ritz pairs asked of a Krylov space of dimension {vals.numel()}: raise krylov_dim")
+        vals, vecs = _select(vals, vecs, k, which)
+    elif method == "dense" or k >= op.dim:
         A = op.dense()
         vals, vecs = torch.linalg.eigh(0.5 * (A + A.T))  # symmetrise: eigh reads one triangle only
-        if which == "LA":
-            sel = torch.arange(op.dim - k, op.dim, device=vals.device)
-        elif which == "SA":
-            sel = torch.arange(k, device=vals.device)
-        else:
-            sel = torch.sort(torch.argsort(vals.abs(), descending=True)[:k]).values
-        vals, vecs = vals[sel], vecs[:, sel]
+        vals, vecs = _select(vals, vecs, k, which)
     else:
         v0 = np.random.default_rng(seed).standard_normal(op.dim)
         try:
@@ -574,6 +590,58 @@ def extreme_eigenvalues(
         vals = torch.as_tensor(vals_np[order], dtype=op.dtype, device=op.device)
         vecs = torch.as_tensor(vecs_np[:, order], dtype=op.dtype, device=op.device)
     return (vals, vecs) if return_eigenvectors else vals
+
+
+def _select(vals: Tensor, vecs: Tensor, k: int, which: Which) -> tuple[Tensor, Tensor]:
+    """The k pairs ``which`` asks for from eigenvalues in ascending order (and their columns), ascending."""
+    m = vals.numel()
+    if which == "LA":
+        sel = torch.arange(m - k, m, device=vals.device)
+    elif which == "SA":
+        sel = torch.arange(k, device=vals.device)
+    else:
+        sel = torch.sort(torch.argsort(vals.abs(), descending=True)[:k]).values
+    return vals[sel], vecs[:, sel]
+
+
+def lanczos_ritz(op: CurvatureOperator, krylov_dim: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """All Ritz pairs of ``op`` from one Krylov space of dimension ``krylov_dim``: ``(values [m], vectors [d, m])``,
+    values ascending, vectors orthonormal.
+
+    m Lanczos steps from a random start (drawn from ``seed``), each new vector reorthogonalised against all
+    previous ones (twice: classical Gram–Schmidt, "twice is enough"), so the basis stays orthonormal to rounding —
+    on a symmetric matrix this is the Arnoldi process, whose Hessenberg matrix is the tridiagonal T. Stops
+    early, with fewer pairs, when the space becomes invariant. Cost: m products one vector at a time (the
+    operator's traced product is built up front, :meth:`CurvatureOperator.expect`), O(d·m²) for the
+    reorthogonalisation, eigh of an m×m matrix. Memory d·(m + 1) numbers.
+    """
+    m = min(int(krylov_dim), op.dim)
+    if m < 1:
+        raise ValueError(f"krylov_dim must be >= 1, got {krylov_dim}")
+    op.expect(m)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    Q = torch.empty(op.dim, m, dtype=op.dtype, device=op.device)
+    q = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+    Q[:, 0] = q / torch.linalg.vector_norm(q)
+    alpha = torch.zeros(m, dtype=op.dtype, device=op.device)
+    beta = torch.zeros(m, dtype=op.dtype, device=op.device)
+    size = m
+    for j in range(m):
+        w = op.matvec(Q[:, j])
+        alpha[j] = Q[:, j] @ w
+        for _ in range(2):  # full reorthogonalisation against the whole basis, twice
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        if j == m - 1:
+            break
+        b = torch.linalg.vector_norm(w)
+        if not bool(b > 100 * torch.finfo(op.dtype).eps * alpha[: j + 1].abs().max().clamp_min(1e-300)):
+            size = j + 1  # invariant subspace: T is exact on it
+            break
+        beta[j] = b
+        Q[:, j + 1] = w / b
+    T = torch.diag(alpha[:size]) + torch.diag(beta[: size - 1], 1) + torch.diag(beta[: size - 1], -1)
+    theta, S = torch.linalg.eigh(T)
+    return theta, Q[:, :size] @ S
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,32 @@ def test_chapter_command_with_override_changes_the_html(mini_book: Path, tmp_pat
     bad = subprocess.run([sys.executable, "-m", "helpers.build", "chapter", "good", "--root", str(mini_book),
                           "--build-dir", str(out), "--set", "sale=7"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "unknown parameter(s) sale" in bad.stderr and "valid: scale, label" in bad.stderr
+
+
+def test_build_times_are_recorded(mini_book: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every executed chapter leaves its seconds and cache hits/misses in timings/<profile>.json, and a whole
+    build its wall time, filed by kind: cold (all lookups missed), then rebuild (all hit)."""
+    monkeypatch.delenv("BOOK_CACHE_DIR", raising=False)
+    monkeypatch.delenv("BOOK_CACHE", raising=False)
+    (mini_book / "_toc.yml").write_text("format: jb-book\nroot: book/index\nchapters:\n  - file: book/good\n")
+    write_notebook(mini_book / "book" / "good.ipynb", [
+        ("md", "# Cached"),
+        ("code", "scale = 2", ["parameters"]),
+        ("code", "from helpers import cache\nvalue = cache.memoize('timing_test', {'scale': scale}, lambda: 2 * scale)"),
+    ])
+    out = tmp_path / "_build"
+    build.build_book("default", build_dir=out, root=mini_book, quiet=True)
+    timings = json.loads(build.timings_path(out, "default").read_text())
+    chapter = timings["chapters"]["good"]
+    assert chapter["seconds"] > 0 and (chapter["cache_hits"], chapter["cache_misses"]) == (0, 1)
+    cold = timings["builds"]["cold"]
+    assert cold["seconds"] >= chapter["seconds"] and 0 < cold["html_seconds"] <= cold["seconds"]
+    assert cold["chapters"]["good"] == chapter and timings["last_build"] == "cold"
+    build.build_book("default", build_dir=out, root=mini_book, quiet=True)
+    timings = json.loads(build.timings_path(out, "default").read_text())
+    assert timings["last_build"] == "rebuild" and timings["builds"]["rebuild"]["cache_hits"] == 1
+    assert timings["builds"]["cold"] == cold  # the cold build stays on record
+    build.execute_chapter(build.find_chapter("good", mini_book), "default", overrides={"scale": 3}, build_dir=out,
+                          root=mini_book, quiet=True)
+    timings = json.loads(build.timings_path(out, "default").read_text())
+    assert timings["chapters"]["good"]["cache_misses"] == 1 and timings["chapters"]["good"]["overrides"] == {"scale": 3}

@@ -314,3 +314,19 @@ def test_compare_rows_selects_test_points(fitted):
     one = convex.compare(v.predicted[2:3], v.truth, {"uniform": v.uniform}, rows=[2])
     assert one.loc[0, "test"] == 2
     assert one.loc[0, "pearson"] == full.loc[2, "pearson"]
+
+
+def test_fast_paths_of_the_benchmark_match_the_exact_answer(fitted):
+    """The settings `make bench` times on P1: block CG with float32 refinement on the closed-form operator
+    reaches the exact answer to its tolerance, and Arnoldi on a fixed Krylov space agrees with the autodiff path."""
+    x, y, xt, yt, f = fitted
+    exact = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, method="exact")
+    fast = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, method="cg", rtol=1e-10, block=True,
+                                  low_precision=torch.float32)
+    assert fast.solve.method == "cg+refine" and fast.solve.max_relative_residual <= 1e-10
+    assert torch.allclose(fast.values, exact.values, rtol=0, atol=1e-8 * float(exact.values.abs().max()))
+    ours = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, method="arnoldi", rank=5, krylov_dim=10)
+    ref = influence.predict_removal(_model(f.theta), (x, y), (xt, yt), l2=L2, method="arnoldi", rank=5,
+                                    krylov_dim=10)
+    assert ours.solve.iterations == ref.solve.iterations == 10
+    assert torch.allclose(ours.values, ref.values, rtol=0, atol=1e-8 * float(ref.values.abs().max()))

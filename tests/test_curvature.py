@@ -250,3 +250,32 @@ def test_astype_casts_attribute_based_subclasses_and_refuses_closures():
     closure = CurvatureOperator(lambda u: d * u.double(), {"x": d}, kind="hessian")
     with pytest.raises(NotImplementedError, match="low_precision=op32"):
         closure.astype(torch.float32)
+
+
+def test_expect_traces_the_product_up_front_for_long_runs():
+    """A caller that announces LINEARIZE_AFTER or more products gets the traced product at once (same numbers);
+    fewer, or an operator that was asked for plain products, keeps the plain jvp."""
+    from helpers.curvature import LINEARIZE_AFTER, lanczos_ritz
+
+    model, x, y = make_problem()
+    P = model_params(model, param_names(model, "all"))
+    v = torch.randn(sum(p.numel() for p in P.values()), generator=torch.Generator().manual_seed(2), dtype=DT)
+    op = hessian_operator(model, P, x, y, l2=0.03)
+    plain = op._apply
+    op.expect(LINEARIZE_AFTER - 1)
+    assert op._apply is plain
+    before = op.matvec(v)
+    op.expect(LINEARIZE_AFTER)
+    assert op._apply is not plain and op._upgrade is None
+    assert rel(op.matvec(v), before) < 1e-12
+    fixed = hessian_operator(model, P, x, y, l2=0.03, linearize=False)
+    fixed_apply = fixed._apply
+    fixed.expect(1000)
+    assert fixed._apply is fixed_apply
+    # lanczos_ritz: an orthonormal basis, Ritz values inside the spectrum, the extremes already close
+    vals, vecs = lanczos_ritz(op, 12)
+    H = op.dense()
+    ev = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    assert torch.allclose(vecs.T @ vecs, torch.eye(vecs.shape[1], dtype=DT), atol=1e-12)
+    assert float(vals.min()) >= float(ev[0]) - 1e-10 and float(vals.max()) <= float(ev[-1]) + 1e-10
+    assert abs(float(vals.max()) - float(ev[-1])) < 1e-6 * abs(float(ev[-1]))

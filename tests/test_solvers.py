@@ -13,6 +13,7 @@ from helpers.solvers import (
     IndefiniteHessianError,
     NotPositiveDefiniteError,
     SingularHessianError,
+    relative_residual,
     solve,
 )
 from tiny_models import TinyMLP
@@ -346,3 +347,44 @@ def test_mixed_precision_refuses_what_float32_cannot_resolve():
         solve(A, rhs(d, k=2), method="cg", low_precision=torch.float32, inner_rtol=2.0)
     with pytest.raises(ValueError, match="low_precision must be"):
         solve(A, rhs(d, k=2), method="cg", low_precision=CurvatureOperator.from_matrix(A[:5, :5].float()))
+
+
+def test_arnoldi_with_a_fixed_krylov_space_is_the_rayleigh_ritz_answer():
+    """krylov_dim=m: exactly m products, and the answer is the top Ritz pairs of that Krylov space — the peers'
+    Arnoldi — which on the whole space (m = d) is the exact truncated eigen-solve."""
+    _, _, _, _, op = logistic_problem(seed=4)
+    H = dense(op)
+    B = rhs(op.dim)
+    rank, damping, m = 4, 0.05, 8
+    res = solve(op, B, method="arnoldi", rank=rank, krylov_dim=m, damping=damping, seed=3)
+    assert res.iterations == res.info["hvps"] == m and res.info["krylov_dim"] == m
+    # the same Krylov space built independently: K = span(q, Hq, …, H^{m−1}q) from the same start vector
+    q = torch.randn(op.dim, generator=torch.Generator().manual_seed(3), dtype=DT)
+    K = torch.stack([torch.linalg.matrix_power(H, j) @ q for j in range(m)], dim=1)
+    Qk, _ = torch.linalg.qr(K)
+    theta, S = torch.linalg.eigh(Qk.T @ H @ Qk)
+    Vr, lr = Qk @ S[:, -rank:], theta[-rank:]
+    assert torch.allclose(res.info["eigenvalues"], lr, rtol=1e-8)
+    X_ref = Vr @ ((Vr.T @ B) / (lr + damping)[:, None])
+    assert float(rel_err(res.x, X_ref).max()) < 1e-7
+    # the whole space: the exact eigenpairs
+    full = solve(op, B, method="arnoldi", rank=rank, krylov_dim=op.dim, damping=damping)
+    vals, V = torch.linalg.eigh(H)
+    X_top = V[:, -rank:] @ ((V[:, -rank:].T @ B) / (vals[-rank:] + damping)[:, None])
+    assert float(rel_err(full.x, X_top).max()) < 1e-8
+    with pytest.raises(ValueError, match="raise krylov_dim"):
+        solve(op, B, method="arnoldi", rank=5, krylov_dim=3)
+
+
+def test_refinement_hands_over_its_final_residual_without_more_products():
+    """The mixed-precision refinement ends by computing B − (H + δI)X with the operator: solve reports exactly
+    that residual (an independent dense check agrees) instead of spending k more products on it."""
+    _, _, _, _, op = logistic_problem(seed=3, n=60)
+    B = rhs(op.dim, k=3)
+    before = op.applications
+    res = solve(op, B, method="cg", damping=0.01, rtol=1e-10, block=True, low_precision=torch.float32)
+    assert op.applications - before == res.info["hvps"]  # no product after the solver's own
+    assert "final_residual" not in res.info
+    assert torch.equal(res.relative_residual, relative_residual(op, res.x, B, 0.01))  # the very same numbers
+    indep = independent_residual(dense(op), 0.01, res.x, B)
+    assert float(res.relative_residual.max()) <= 1e-10 and float(indep.max()) <= 1e-10

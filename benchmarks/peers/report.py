@@ -1,0 +1,142 @@
+"""The peers table and the speed ratios, rendered from ``peers.csv`` (pandas only: the book's test reuses it).
+
+:func:`render` turns the CSV of :mod:`benchmarks.peers.run` into the markdown that ``make bench`` prints and that
+the appendix page ``book/peers.md`` includes from ``book/data/peers_table.md``; ``tests/test_peers_page.py``
+checks that the committed table is exactly ``render(book/data/peers.csv)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+ACCURACY = 1e-6  # "full accuracy": the relative error both sides must reach for the speed ratio
+TARGET_RATIO = 2.0
+SLOW_SECONDS = 30.0  # a method whose warm-up call takes longer is not called again: that call is its time
+CAP_SECONDS = 240.0  # a worker process still running after this is stopped (the whole run must fit in an hour)
+FAMILIES = {"lissa": "LiSSA", "arnoldi": "Arnoldi"}  # same settings in every library: compared one to one
+
+
+def _setting(options: Any) -> str:
+    if not isinstance(options, str) or not options:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in json.loads(options).items())
+
+
+def _note(r: pd.Series) -> str:
+    reps = int(r["repeats"])
+    if r["family"] == "head-to-head":
+        return f"head to head: median of {reps} processes, alternating with the other side"
+    note = ("median of 3" if reps >= 3 else f"median of {reps}" if reps > 1 else
+            "1 timed call" if reps == 1 else f"1 call (over {SLOW_SECONDS:.0f} s: not repeated)")
+    searched = r.get("searched")
+    if isinstance(searched, str) and searched:
+        note += f"; ladder searched: {searched}"
+    return note
+
+
+def table(df: pd.DataFrame) -> str:
+    """One markdown line per run: time, peak memory, accuracy against the reference, the fitted scale."""
+    lines = ["| problem | library | method | setting | time [s] | peak [MiB] | rel. error | Pearson | Spearman "
+             "| scale | note |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for _, r in df.iterrows():
+        head = f"| {r['problem']} | {r['library']} {r['version']} | {r['method']} | {_setting(r['options'])} "
+        if r["status"] != "ok":
+            lines.append(head + f"| – | – | – | – | – | – | {r['status']} |")
+            continue
+        acc = " ✓" if r["rel_error"] <= ACCURACY else ""
+        peak = "–" if pd.isna(r["peak_mib"]) else f"{r['peak_mib']:.0f}"
+        lines.append(head + f"| {r['seconds']:.2f} | {peak} | {r['rel_error']:.1e}{acc} | {r['pearson']:.6f} | "
+                     f"{r['spearman']:.6f} | {r['scale']:.6f} | {_note(r)} |")
+    return "\n".join(lines)
+
+
+def _label(r: pd.Series) -> str:
+    setting = _setting(r["options"])
+    return f"{r['library']} {r['method']}" + (f" ({setting})" if setting else "")
+
+
+def ratios(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per problem: fastest peer / fastest helpers at equal accuracy.
+
+    helpers' side: its fastest run with rel_error ≤ ACCURACY. The peers' side: their fastest run with
+    rel_error ≤ ACCURACY — or, if no peer run reaches it, the fastest of the peers' most accurate results (the
+    run(s) with the smallest error any peer reached), so that helpers is then both more accurate and faster.
+    Times come from the head-to-head rows (the two re-timed alternately) when the run has them."""
+    out: dict[str, dict[str, Any]] = {}
+    ok = df[(df["status"] == "ok")]
+    for problem in sorted(df["problem"].unique()):
+        g = ok[ok["problem"] == problem]
+        h2h = g[g["family"] == "head-to-head"]
+        g = h2h if len(h2h) == 2 else g[g["family"] != "head-to-head"]
+        h = g[(g["library"] == "helpers") & (g["rel_error"] <= ACCURACY)]
+        peers = g[g["library"] != "helpers"]
+        p = peers[peers["rel_error"] <= ACCURACY]
+        equal = not p.empty
+        if not equal and not peers.empty:
+            p = peers[peers["rel_error"] <= 1.5 * peers["rel_error"].min()]  # the most accurate peer result(s)
+        if h.empty or p.empty:
+            side = "either side" if h.empty and p.empty else ("helpers' side" if h.empty else "the peers' side")
+            out[problem] = {"ratio": math.nan, "note": f"no fully timed run at rel. error ≤ 1e-6 on {side}"}
+            continue
+        hb, pb = h.loc[h["seconds"].idxmin()], p.loc[p["seconds"].idxmin()]
+        out[problem] = {"ratio": float(pb["seconds"] / hb["seconds"]), "equal_accuracy": equal,
+                        "helpers": _label(hb), "helpers_seconds": float(hb["seconds"]),
+                        "helpers_error": float(hb["rel_error"]), "peer": _label(pb),
+                        "peer_seconds": float(pb["seconds"]), "peer_error": float(pb["rel_error"]),
+                        "head_to_head": len(h2h) == 2}
+    return out
+
+
+def families(df: pd.DataFrame) -> list[str]:
+    """LiSSA and Arnoldi, one line each per problem: helpers' time and error against the fastest peer's with the
+    same settings (target: helpers no slower at equal residual)."""
+    out = []
+    ok = df[(df["status"] == "ok")]
+    for problem in sorted(df["problem"].unique()):
+        for fam, name in FAMILIES.items():
+            g = ok[(ok["problem"] == problem) & (ok["family"] == fam)]
+            h, p = g[g["library"] == "helpers"], g[g["library"] != "helpers"]
+            if h.empty or p.empty:
+                out.append(f"- {problem} {name}: not measured on {'helpers' if h.empty else 'the peers'}' side.")
+                continue
+            hb, pb = h.loc[h["seconds"].idxmin()], p.loc[p["seconds"].idxmin()]
+            verdict = "met" if hb["seconds"] <= pb["seconds"] else "not met"
+            out.append(f"- {problem} {name} (same settings everywhere): helpers {hb['seconds']:.2f} s at rel. error "
+                       f"{hb['rel_error']:.2e}; fastest peer {pb['library']} {pb['seconds']:.2f} s at "
+                       f"{pb['rel_error']:.2e} (peers' errors {p['rel_error'].min():.2e}–{p['rel_error'].max():.2e}). "
+                       f"helpers no slower: {verdict} (ratio {pb['seconds'] / hb['seconds']:.2f}).")
+    return out
+
+
+def render(df: pd.DataFrame) -> str:
+    """The whole markdown block: date and machine line, table, ratio lines, LiSSA and Arnoldi lines."""
+    first = df.iloc[0]
+    loads = df["load_1min"].dropna() if "load_1min" in df else pd.Series(dtype=float)
+    load = f"{loads.min():.1f}–{loads.max():.1f}" if len(loads) else "n/a"
+    wall = f"; the whole run took {first['wall_minutes']:.0f} min" if "wall_minutes" in df else ""
+    md = [f"Measured {first['date']} on {first['machine']}, **1 thread per method** in every library (1-minute "
+          f"load average at the end of each run: {load}: other jobs shared the machine{wall}). float64 throughout; "
+          "time = median of 3 calls after a warm-up unless noted; ✓ = relative error ≤ 1e-6.", "", table(df), "",
+          "**Speed at equal accuracy** (target: fastest peer / helpers ≥ 2 on P1 and on P2):", ""]
+    for problem, v in ratios(df).items():
+        if not math.isfinite(v["ratio"]):
+            md.append(f"- **{problem}**: {v['note']}.")
+            continue
+        verdict = "met" if v["ratio"] >= TARGET_RATIO else "not met"
+        how = ("re-timed head to head, alternating, median of 3 processes each" if v["head_to_head"]
+               else "from the table")
+        peer = (f"fastest peer at rel. error ≤ 1e-6: {v['peer']}, {v['peer_seconds']:.2f} s"
+                if v["equal_accuracy"] else
+                f"no peer reached 1e-6; fastest peer at the best accuracy the peers reached: {v['peer']}, "
+                f"{v['peer_seconds']:.2f} s at rel. error {v['peer_error']:.1e} (the ratio compares that time with "
+                "helpers' time at ≤ 1e-6: helpers is then both more accurate and faster)")
+        md.append(f"- **{problem}**: {peer}; helpers: {v['helpers']}, {v['helpers_seconds']:.2f} s at "
+                  f"{v['helpers_error']:.1e} ({how}). Ratio fastest peer / helpers = **{v['ratio']:.2f}** "
+                  f"(target ≥ {TARGET_RATIO:g}: {verdict}).")
+    md += ["", "**LiSSA and Arnoldi** (target: helpers no slower than the fastest peer at equal residual):", ""]
+    md += families(df)
+    return "\n".join(md) + "\n"
