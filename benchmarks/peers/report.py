@@ -134,7 +134,7 @@ def render(df: pd.DataFrame) -> str:
                 f"no peer reached 1e-6; fastest peer at the best accuracy the peers reached: {v['peer']}, "
                 f"{v['peer_seconds']:.2f} s at rel. error {v['peer_error']:.1e} (the ratio compares that time with "
                 "helpers' time at ≤ 1e-6: helpers is then both more accurate and faster)")
-        md.append(f"- **{problem}**: {peer}; helpers: {v['helpers']}, {v['helpers_seconds']:.2f} s at "
+        md.append(f"- **{problem}**: {peer}; fastest {v['helpers']}, {v['helpers_seconds']:.2f} s at "
                   f"{v['helpers_error']:.1e} ({how}). Ratio fastest peer / helpers = **{v['ratio']:.2f}** "
                   f"(target ≥ {TARGET_RATIO:g}: {verdict}).")
     md += ["", "**LiSSA and Arnoldi** (target: helpers no slower than the fastest peer at equal residual):", ""]
