@@ -30,7 +30,8 @@ def scheduler_address(scheduler: str | None = None) -> str | None:
 
 
 def run_many(fn: Callable[..., R], tasks: Sequence[dict[str, Any]], *, scheduler: str | None = None,
-             n_jobs: int = 1, progress: bool = True, desc: str = "runs") -> list[R]:
+             n_jobs: int = 1, progress: bool = True, desc: str = "runs",
+             on_result: Callable[[int, R], None] | None = None) -> list[R]:
     """``[fn(**task) for task in tasks]``, dispatched to the chosen backend; results in task order.
 
     Args:
@@ -38,7 +39,10 @@ def run_many(fn: Callable[..., R], tasks: Sequence[dict[str, Any]], *, scheduler
         tasks: one dict of keyword arguments per run.
         scheduler: Dask scheduler address (``"tcp://..."``), or None to use ``$BOOK_DASK_SCHEDULER`` if set.
         n_jobs: local worker processes when no scheduler is given (1 = serial in this process).
-        progress: a tqdm bar over completed runs (serial and Dask backends).
+        progress: a tqdm bar over completed runs (every backend).
+        on_result: ``on_result(i, result)`` is called in this process as soon as task i has finished (in
+            completion order), e.g. to store each result of a long run so that an interruption loses only the
+            runs in flight.
 
     Raises:
         ImportError: a scheduler was given but ``dask.distributed`` is not installed (names the install).
@@ -47,16 +51,35 @@ def run_many(fn: Callable[..., R], tasks: Sequence[dict[str, Any]], *, scheduler
     tasks = list(tasks)
     if not all(isinstance(t, dict) for t in tasks):
         raise TypeError("run_many takes one dict of keyword arguments per run, e.g. [{'seed': 0}, {'seed': 1}]")
+    done = on_result if on_result is not None else (lambda i, r: None)
     address = scheduler_address(scheduler)
     if address is not None:
-        return _run_dask(fn, tasks, address, progress, desc)
+        return _run_dask(fn, tasks, address, progress, desc, done)
+    bar = tqdm(total=len(tasks), desc=desc, disable=not progress or len(tasks) < 2)
+    out: list[Any] = [None] * len(tasks)
     if n_jobs == 1:
-        return [fn(**task) for task in tqdm(tasks, desc=desc, disable=not progress or len(tasks) < 2)]
-    return list(Parallel(n_jobs=n_jobs)(delayed(fn)(**task) for task in tasks))
+        for i, task in enumerate(tasks):
+            out[i] = fn(**task)
+            done(i, out[i])
+            bar.update(1)
+    else:
+        # loky processes; results arrive as they finish, tagged with their task index
+        runs = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+            delayed(_indexed)(fn, i, task) for i, task in enumerate(tasks))
+        for i, result in runs:
+            out[i] = result
+            done(i, result)
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _indexed(fn: Callable[..., R], i: int, task: dict[str, Any]) -> tuple[int, R]:
+    return i, fn(**task)
 
 
 def _run_dask(fn: Callable[..., R], tasks: list[dict[str, Any]], address: str, progress: bool,
-              desc: str) -> list[R]:
+              desc: str, done: Callable[[int, R], None]) -> list[R]:
     try:
         from dask.distributed import Client, as_completed
     except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -70,8 +93,13 @@ def _run_dask(fn: Callable[..., R], tasks: list[dict[str, Any]], address: str, p
 
     with Client(address) as client:
         futures = client.map(call, tasks, pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
         bar = tqdm(total=len(futures), desc=desc, disable=not progress)
-        for _ in as_completed(futures):
+        out: list[Any] = [None] * len(tasks)
+        for future in as_completed(futures):
+            i = index[future.key]
+            out[i] = future.result()  # re-raises the run's exception here
+            done(i, out[i])
             bar.update(1)
         bar.close()
-        return client.gather(futures)
+        return out

@@ -57,7 +57,8 @@ from helpers.curvature import CurvatureOperator, extreme_eigenvalues, hessian_op
 from helpers.influence import per_sample_grads, predict_removal
 from helpers.objective import param_names, removal_weights
 from helpers.solvers import solve
-from helpers.train import EnsembleResult, MemberObjective, Recipe, fit_ensemble, init_params, model_with, train_ensemble
+from helpers.train import (EnsembleResult, MemberObjective, Recipe, fit_ensemble, floor_bound, init_params, model_with,
+                           train_ensemble)
 
 __all__ = [
     "REGIMES", "Regime", "IrisData", "Stack", "StackFit", "Retrained", "IrisSweepConfig", "IrisSweepResult",
@@ -65,7 +66,7 @@ __all__ = [
     "iris_loo_losses", "stack_objective", "stack_losses", "stack_features", "fit_stack", "retrain_stack",
     "retrain_last_layer", "retraining_curve", "last_layer_influence", "softmax_layer_terms",
     "batched_last_layer_influence", "paper_inverse_influence", "bnn_last_layer_influence", "hessian_spectrum",
-    "stack_hessian_spectra", "lanczos_check", "run_iris_group", "run_iris_sweeps", "summarize_runs",
+    "stack_hessian_spectra", "lanczos_check", "run_iris_chunk", "run_iris_sweeps", "summarize_runs",
     "compare_bars", "run_deep", "paired_bars",
 ]
 
@@ -447,6 +448,8 @@ class StackFit:
         aux: the members' auxiliary tensors (weights, λ, masks, loss weights[, inputs]) as used in training.
         loss, grad_norm, lr: ``[k]`` final objective, ‖∇R‖₂ and learning rate; history ``[k, epochs]``.
         recipe: ``Recipe.to_dict()``.
+        floor_epoch, epochs_run: ``[k]`` the epoch at which the plateau lr reached its floor (-1: never) and the
+            epochs computed (see :attr:`helpers.train.Recipe.stop_at_floor`).
     """
 
     stack: Stack
@@ -458,6 +461,8 @@ class StackFit:
     lr: np.ndarray
     history: np.ndarray
     recipe: dict[str, Any]
+    floor_epoch: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    epochs_run: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def masks(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -523,7 +528,7 @@ def fit_stack(stack: Stack, members: pd.DataFrame, x: Tensor, y: Tensor, recipe:
     res = train_ensemble(recipe, stack_objective(stack, per_member_x=x_members is not None, var_floor=var_floor),
                          {"theta": theta0}, aux, xc, yc, progress=progress)
     return StackFit(stack, members.reset_index(drop=True), res.params["theta"].detach(), aux, res.loss,
-                    res.grad_norm, res.lr, res.history, recipe.to_dict())
+                    res.grad_norm, res.lr, res.history, recipe.to_dict(), res.floor_epoch, res.epochs_run)
 
 
 # ============================================================================================ retraining
@@ -538,6 +543,8 @@ class Retrained:
         drift: ``[k]`` the same retraining with nothing removed, minus ℓ(z_test, θ̂): what the protocol does by itself.
         ref_loss: ``[k]`` ℓ(z_test, θ̂); grad_norm ``[k, m + 1]`` final ‖∇‖ of every retraining (drift last).
         removed: ``[k, m]`` training indices; protocol: ``"all_layers"`` or ``"last_layer"``; recipe.
+        floor_epoch, epochs_run: ``[k, m + 1]`` per retraining, the epoch its plateau lr reached the floor (-1:
+            never) and the epochs computed (:attr:`helpers.train.Recipe.stop_at_floor`); lr ``[k, m + 1]`` final.
     """
 
     delta: np.ndarray
@@ -547,6 +554,9 @@ class Retrained:
     removed: np.ndarray
     protocol: str
     recipe: dict[str, Any]
+    floor_epoch: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    epochs_run: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    lr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 def _removal_rows(n: int, removed: np.ndarray, loo: str, dtype: torch.dtype) -> Tensor:
@@ -588,6 +598,7 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
         raise ValueError("retrain_stack needs a fit on shared inputs")
     theta_hat = fit.theta.to(dt)
     delta, drift, ref, gn = (np.zeros((k, m)), np.zeros(k), np.zeros(k), np.zeros((k, m + 1)))
+    fe, er, lr = (np.zeros((k, m + 1), dtype=np.int64), np.zeros((k, m + 1), dtype=np.int64), np.zeros((k, m + 1)))
     # Retrain each architecture in a stack of exactly its size: the retraining ensembles are large (k·(m + 1)
     # members) and compute-bound, so skipping the unused layers and units of the shared stack pays for itself.
     for (d_, w_), g in fit.members.groupby(["depth", "width"], sort=False):
@@ -597,7 +608,7 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
         idx = g.index.to_numpy()
         th_sub = torch.stack([sub.embed(fit.stack.extract(theta_hat[j], d_, w_), d_, w_) for j in idx])
         dm, um, am = (t.to(dt) for t in sub.masks(d_, w_, dt))
-        lam, lw = fit.aux[1][idx].to(dt), fit.aux[5][idx].to(dt)
+        lam, lw = fit.aux[1][idx.copy()].to(dt), fit.aux[5][idx.copy()].to(dt)
         for sl in _chunks(len(idx), m + 1, max_members):
             rows = idx[sl]
             kk = len(rows)
@@ -616,7 +627,8 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
             drift[rows] = members[:, m] - refs
             ref[rows] = refs
             gn[rows] = res.grad_norm.reshape(kk, m + 1)
-    return Retrained(delta, drift, ref, gn, removed, "all_layers", recipe.to_dict())
+            fe[rows], er[rows], lr[rows] = (a.reshape(kk, m + 1) for a in (res.floor_epoch, res.epochs_run, res.lr))
+    return Retrained(delta, drift, ref, gn, removed, "all_layers", recipe.to_dict(), fe, er, lr)
 
 
 def _linear_objective(n_classes: int) -> MemberObjective:
@@ -671,6 +683,7 @@ def retrain_last_layer(features: Tensor, y: Tensor, weight: Tensor, bias: Tensor
     yc = torch.as_tensor(y).long()
     objective = _linear_objective(W.shape[1])
     delta, drift, ref, gn = (np.zeros((k, m)), np.zeros(k), np.zeros(k), np.zeros((k, m + 1)))
+    fe, er, lr = (np.zeros((k, m + 1), dtype=np.int64), np.zeros((k, m + 1), dtype=np.int64), np.zeros((k, m + 1)))
 
     def test_loss(Wk: Tensor, bk: Tensor, f: Tensor, t: Tensor) -> Tensor:
         return F.cross_entropy((f @ Wk.transpose(-1, -2)).squeeze(-2) + bk, t, reduction="none")
@@ -695,7 +708,8 @@ def retrain_last_layer(features: Tensor, y: Tensor, weight: Tensor, bias: Tensor
         drift[sl] = members[:, m] - refs
         ref[sl] = refs
         gn[sl] = res.grad_norm.reshape(kk, m + 1)
-    return Retrained(delta, drift, ref, gn, removed, "last_layer", recipe.to_dict())
+        fe[sl], er[sl], lr[sl] = (a.reshape(kk, m + 1) for a in (res.floor_epoch, res.epochs_run, res.lr))
+    return Retrained(delta, drift, ref, gn, removed, "last_layer", recipe.to_dict(), fe, er, lr)
 
 
 def retraining_curve(fit: StackFit, member: int, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor],
@@ -1018,6 +1032,9 @@ class IrisSweepConfig:
         seed: first initialisation seed (repetition r uses ``seed + r``).
         bnn_damping: damping of the Bayesian network's influence (the paper: 1e-3).
         max_members: largest retraining ensemble (memory).
+        stop_at_floor: stop each training and retraining once its plateau learning rate is at the floor (1e-8);
+            the protocol's lengths stay ``epochs`` / ``retrain_epochs`` (:attr:`helpers.train.Recipe.stop_at_floor`
+            and :func:`helpers.train.floor_bound`: what the skipped epochs could have changed is recorded).
     """
 
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -1039,6 +1056,7 @@ class IrisSweepConfig:
     bnn_damping: float = 1e-3
     depth_width: int = 5
     max_members: int = 4096
+    stop_at_floor: bool = True
 
     def __post_init__(self) -> None:
         for name in ("depth_regimes", "width_regimes", "last_layer_regimes"):
@@ -1055,7 +1073,19 @@ class IrisSweepConfig:
     def recipe(self, epochs: int, swa: bool) -> Recipe:
         """The paper's optimiser: full-batch Adam, ÷10 after ``patience`` stalled epochs (λ is per member)."""
         return Recipe(optimizer="adam", lr=self.lr, epochs=int(epochs), schedule="plateau", patience=self.patience,
-                      swa_start=self.swa_start if swa else None, dtype=self.dtype)
+                      swa_start=self.swa_start if swa else None, dtype=self.dtype, stop_at_floor=self.stop_at_floor)
+
+    def chunks(self, block: int | None = None) -> list[dict[str, Any]]:
+        """The independent pieces of the sweeps: one per (sweep, family, block of ``block`` repetitions).
+
+        Each is a dict of keyword arguments of :func:`run_iris_chunk` (without the config) and carries its own
+        seeds (repetition r uses ``seed + r``), so a chunk computes the same numbers wherever it runs.
+        """
+        block = self.reps if block is None else int(block)
+        if block < 1:
+            raise ValueError(f"block must be >= 1 repetitions, got {block}")
+        return [{"sweep": s, "family": f, "rep_start": r, "rep_stop": min(self.reps, r + block)}
+                for s, f in self.groups() for r in range(0, self.reps, block)]
 
     def groups(self) -> list[tuple[str, str]]:
         """``(sweep, family)`` groups that train as one ensemble: family ``plain``, ``swa`` or ``bnn``."""
@@ -1111,24 +1141,30 @@ def _history_frame(members: pd.DataFrame, history: np.ndarray, n_points: int = 2
     return pd.DataFrame(rows)
 
 
-def run_iris_group(config: IrisSweepConfig, sweep: str, family: str, *, progress: bool = False,
-                   cache: bool = True) -> IrisSweepResult:
-    """One ensemble group of the Iris sweeps (e.g. the depth sweep's ``plain`` regimes: no L2 and L2 together).
+def run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start: int = 0, rep_stop: int | None = None,
+                   *, progress: bool = False, cache: bool = True) -> IrisSweepResult:
+    """One piece of the Iris sweeps: one sweep, one regime family, repetitions ``rep_start .. rep_stop - 1``
+    (e.g. the depth sweep's ``plain`` regimes, no L2 and L2 together, repetitions 0–4).
 
     Steps (the paper's protocol, STUDY.md §3): train every (regime, value, rep) member; per member pick the
     ``n_candidates`` highest training losses; estimate their influence on the test point from the last layer
     (paper variant: weight only, no L2, pseudo-inverse; objective variant: weight and bias, the objective's L2
     term; Bayesian: mean weights, likelihood part, damping); the Hessian spectrum over all parameters; retrain all
     layers from θ̂ without each candidate (and once without removing anything: drift); for the regimes in
-    ``last_layer_regimes`` also retrain only the last layer. Memoised on ``(config, sweep, family)``.
+    ``last_layer_regimes`` also retrain only the last layer. Memoised on ``(config, sweep, family, reps)``.
+    The stack (the shared network shape) is the config's, whatever the block, so a member's numbers do not
+    depend on how the repetitions are split into chunks.
     """
-    key = {"config": dataclasses.asdict(config), "sweep": sweep, "family": family}
-    if not cache:
-        return _run_iris_group(config, sweep, family, progress)
-    return memoize("iris_group", key, lambda: _run_iris_group(config, sweep, family, progress))
+    rep_stop = config.reps if rep_stop is None else int(rep_stop)
+    if not 0 <= rep_start < rep_stop <= config.reps:
+        raise ValueError(f"repetitions [{rep_start}, {rep_stop}) must lie in [0, reps={config.reps})")
+    key = {"config": dataclasses.asdict(config), "sweep": sweep, "family": family, "reps": [rep_start, rep_stop]}
+    compute = lambda: _run_iris_chunk(config, sweep, family, rep_start, rep_stop, progress)  # noqa: E731
+    return memoize("iris_chunk", key, compute) if cache else compute()
 
 
-def _run_iris_group(config: IrisSweepConfig, sweep: str, family: str, progress: bool) -> IrisSweepResult:
+def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start: int, rep_stop: int,
+                    progress: bool) -> IrisSweepResult:
     if sweep not in ("depth", "width"):
         raise ValueError(f"sweep must be 'depth' or 'width', got {sweep!r}")
     regimes = [r for r in (config.depth_regimes if sweep == "depth" else config.width_regimes) if _family(r) == family]
@@ -1141,7 +1177,7 @@ def _run_iris_group(config: IrisSweepConfig, sweep: str, family: str, progress: 
     rows = [{"sweep": sweep, "regime": r, "value": v, "rep": rep,
              "depth": v if sweep == "depth" else 1, "width": config.depth_width if sweep == "depth" else v,
              "l2": REGIMES[r].l2, "seed": config.seed + rep}
-            for r in regimes for v in values for rep in range(config.reps)]
+            for r in regimes for v in values for rep in range(rep_start, rep_stop)]
     members = pd.DataFrame(rows)
     d = iris_data(config.test_index)
     x, y = d.train
@@ -1220,10 +1256,14 @@ def _run_iris_group(config: IrisSweepConfig, sweep: str, family: str, progress: 
     labels = members[["sweep", "regime", "value", "rep"]]
     acc = (vmap(lambda t, dm, um: stack.forward(t, x, dm, um) if not bayes else stack.forward(t, x, dm, um).logit_mean)(
         theta, dmask, umask).argmax(-1) == y).double().mean(1).numpy()
+    train_recipe = config.recipe(config.epochs, family == "swa")
+    skipped = floor_bound(train_recipe, fit.epochs_run, fit.lr)
     model_tab = pd.concat([labels, pd.DataFrame({
         "train_loss": fit.loss, "grad_norm": fit.grad_norm, "final_lr": fit.lr, "train_acc": acc,
         "test_loss": test_losses.numpy(), "mean_candidate_loss": np.take_along_axis(
-            train_losses.numpy(), candidates, 1).mean(1)}), info], axis=1)
+            train_losses.numpy(), candidates, 1).mean(1),
+        "floor_epoch": fit.floor_epoch, "epochs_run": fit.epochs_run, "floor_bound_param": skipped,
+        "floor_bound_nats": skipped * _test_grad_l1(stack, theta, d.x_test, d.y_test, dmask, umask)}), info], axis=1)
     run_rows, point_rows = [], []
     for protocol, truth in truths.items():
         idx = np.arange(k) if protocol == "all_layers" else last_idx
@@ -1235,7 +1275,10 @@ def _run_iris_group(config: IrisSweepConfig, sweep: str, family: str, progress: 
                 "protocol": protocol, "estimator": name, "spearman": sp_, "pearson": pe_,
                 "drift": truth.drift, "delta_mean": truth.delta.mean(1), "delta_sd": sd,
                 "drift_ratio": np.abs(truth.drift) / np.where(sd > 0, sd, np.nan),
-                "retrain_grad_norm": np.median(truth.grad_norm, 1)})], axis=1))
+                "retrain_grad_norm": np.median(truth.grad_norm, 1),
+                "retrain_floor_median": np.median(np.where(truth.floor_epoch < 0, np.nan, truth.floor_epoch), 1),
+                "retrain_floor_max": truth.floor_epoch.max(1), "retrain_no_floor": (truth.floor_epoch < 0).sum(1),
+                "retrain_epochs_run_max": truth.epochs_run.max(1)})], axis=1))
         m_ = candidates.shape[1]
         pts = labels.iloc[np.repeat(idx, m_)].reset_index(drop=True)
         pts["protocol"] = protocol
@@ -1252,10 +1295,39 @@ def _run_iris_group(config: IrisSweepConfig, sweep: str, family: str, progress: 
                            pd.DataFrame(lanczos_rows))
 
 
-def run_iris_sweeps(config: IrisSweepConfig, *, progress: bool = False, cache: bool = True) -> IrisSweepResult:
-    """Every group of the Iris sweeps (:meth:`IrisSweepConfig.groups`), each memoised on its own."""
-    return IrisSweepResult.concat([run_iris_group(config, s, f, progress=progress, cache=cache)
-                                   for s, f in config.groups()])
+def _test_grad_l1(stack: Stack, theta: Tensor, x_test: Tensor, y_test: Tensor, dmask: Tensor, umask: Tensor
+                  ) -> np.ndarray:
+    """``[k]`` ‖∇_θ ℓ(z_test, θ_j)‖₁ per member (float64): turns a per-coordinate bound into nats, to first order."""
+    th = theta.detach().double().clone().requires_grad_(True)
+    # members are independent, so the gradient of the sum is every member's own gradient, row by row
+    stack_losses(stack, th, x_test.double(), y_test, dmask, umask)[:, 0].sum().backward()
+    return th.grad.abs().sum(1).numpy()
+
+
+def run_iris_sweeps(config: IrisSweepConfig, *, block: int | None = None, scheduler: str | None = None,
+                    n_jobs: int = 1, progress: bool = False, cache: bool = True,
+                    on_result: Callable[[dict[str, Any], IrisSweepResult], None] | None = None,
+                    skip: Callable[[dict[str, Any]], bool] | None = None) -> IrisSweepResult:
+    """Every chunk of the Iris sweeps (:meth:`IrisSweepConfig.chunks`), dispatched by
+    :func:`helpers.dispatch.run_many`: serially by default, to ``n_jobs`` local processes, or to the Dask cluster
+    at ``scheduler`` (or ``$BOOK_DASK_SCHEDULER``). Each chunk is memoised on its own, and the result is the same
+    on every backend.
+
+    Args:
+        block: repetitions per chunk (default: all of them, one chunk per sweep × family).
+        on_result: called in this process as each chunk finishes, with its task and result (e.g. to store it).
+        skip: chunks for which it returns True are not run (e.g. already stored) and are not in the result.
+    """
+    from helpers.dispatch import run_many
+
+    tasks = [t for t in config.chunks(block) if skip is None or not skip(t)]
+    results = run_many(run_iris_chunk, [dict(t, config=config, cache=cache) for t in tasks], scheduler=scheduler,
+                       n_jobs=n_jobs, progress=progress, desc="iris chunks",
+                       on_result=None if on_result is None else
+                       (lambda i, r: on_result(tasks[i], r)))
+    if not results:
+        return IrisSweepResult(*(pd.DataFrame() for _ in dataclasses.fields(IrisSweepResult)))
+    return IrisSweepResult.concat(results)
 
 
 # ============================================================================================ summaries

@@ -92,6 +92,11 @@ class Recipe:
         amsgrad: Adam's AMSGrad variant.
         momentum: SGD momentum (``torch.optim.SGD``, no dampening, no Nesterov).
         betas, eps: Adam's constants.
+        stop_at_floor: with the plateau schedule, stop a member as soon as its learning rate is at the floor
+            (the next ÷factor would change it by less than ReduceLROnPlateau's eps = 1e-8, so it never changes
+            again). The remaining epochs would run at that rate; :func:`floor_bound` bounds what they could
+            still change. SWA, if on, is completed as if the parameters had stayed where they stopped. The
+            protocol's length (``epochs``) is unchanged; only the epochs after the floor are skipped.
     """
 
     optimizer: str = "adam"
@@ -113,6 +118,7 @@ class Recipe:
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    stop_at_floor: bool = False
 
     def __post_init__(self) -> None:
         # Normalise the forms a JSON round trip or a caller may produce, so equal recipes hash equally.
@@ -146,6 +152,8 @@ class Recipe:
             raise ValueError(f"{self.optimizer} is full batch: set batch_size=None")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be a pair, got {self.betas}")
+        if self.stop_at_floor and self.schedule != "plateau":
+            raise ValueError("stop_at_floor needs schedule='plateau' (only the plateau schedule has a floor)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -175,6 +183,8 @@ class FitResult:
             step) or per iteration (Newton / L-BFGS: at each iterate), as a numpy array.
         converged: ``grad_norm < recipe.tol``.
         lr: the learning rate at the end (after any schedule).
+        floor_epoch: plateau schedule: the epoch at whose end the lr reached its floor (-1: never).
+        epochs_run: epochs computed (fewer than ``recipe.epochs`` when ``stop_at_floor`` stopped it).
     """
 
     params: dict[str, Tensor]
@@ -183,6 +193,8 @@ class FitResult:
     history: np.ndarray
     converged: bool
     lr: float = float("nan")
+    floor_epoch: int = -1
+    epochs_run: int = -1
 
 
 @dataclass
@@ -195,6 +207,10 @@ class EnsembleResult:
         history: ``[k, epochs]`` (Adam / SGD) or ``[k, iterations + 1]`` (Newton / L-BFGS; NaN after a member
             stopped).
         lr: ``[k]`` final learning rate per member.
+        floor_epoch: ``[k]`` with ``recipe.stop_at_floor``: the epoch (1-based count) at whose end the member's
+            learning rate reached the floor, -1 if it never did; empty otherwise.
+        epochs_run: ``[k]`` epochs actually computed per member (``recipe.epochs`` unless it stopped at the
+            floor); empty for Newton / L-BFGS.
     """
 
     params: dict[str, Tensor]
@@ -203,6 +219,8 @@ class EnsembleResult:
     history: np.ndarray
     converged: np.ndarray
     lr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    floor_epoch: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    epochs_run: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -444,6 +462,7 @@ def _fit_torch_optim(recipe: Recipe, member_objective: MemberObjective, start: d
     vg = grad_and_value(member_objective)
     swa_first, swa, swa_count = _swa_first_epoch(recipe), None, 0
     history = np.empty(recipe.epochs)
+    floor_epoch, epochs_run = -1, recipe.epochs
     bar = _progress(recipe.epochs, progress, f"fit {recipe.optimizer}")
     for epoch in range(recipe.epochs):
         if recipe.schedule in ("cosine", "step"):
@@ -473,12 +492,26 @@ def _fit_torch_optim(recipe: Recipe, member_objective: MemberObjective, start: d
                         swa[k] += (v.detach() - swa[k]) / (swa_count + 1)
                 swa_count += 1
         bar.update(1)
+        if sched is not None and floor_epoch < 0 and bool(_at_floor(
+                torch.tensor([opt.param_groups[0]["lr"]], dtype=torch.float64), recipe)):
+            floor_epoch = epoch + 1
+            if recipe.stop_at_floor:
+                epochs_run = epoch + 1
+                break
     bar.close()
+    if swa_first is not None and epochs_run < recipe.epochs:
+        # complete the average with the parameters held for the skipped epochs (see Recipe.stop_at_floor)
+        total = recipe.epochs - swa_first
+        with torch.no_grad():
+            swa = {k: (swa_count * (swa[k] if swa is not None else 0) + (total - swa_count) * v.detach()) / total
+                   for k, v in leaves.items()}
     final = swa if swa is not None else {k: v.detach().clone() for k, v in leaves.items()}
     loss, gn = _final_eval(member_objective, final, aux, x, y)
     if not (math.isfinite(loss) and math.isfinite(gn)):
         raise _non_finite("the end of training", "loss or gradient", recipe)
-    return FitResult(final, loss, gn, history, gn < recipe.tol, float(opt.param_groups[0]["lr"]))
+    history[epochs_run:] = history[epochs_run - 1]
+    return FitResult(final, loss, gn, history, gn < recipe.tol, float(opt.param_groups[0]["lr"]), floor_epoch,
+                     epochs_run)
 
 
 def _fit_lbfgs(recipe: Recipe, member_objective: MemberObjective, start: dict, aux: tuple, x: Tensor,
@@ -645,6 +678,36 @@ def train_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dic
     return _first_order_ensemble(recipe, member_objective, start, aux, x, y, progress)
 
 
+def _at_floor(lr: Tensor, recipe: Recipe) -> Tensor:
+    """Which plateau learning rates can no longer fall: ReduceLROnPlateau skips a reduction smaller than eps."""
+    return ~(lr - lr * (1.0 / recipe.factor) > PLATEAU_EPS)
+
+
+# Adam's largest step per coordinate, in units of lr, for t large enough that the bias corrections are ~1:
+# |m_t| <= (1-b1) Σ_s b1^(t-s) |g_s| and, by Cauchy-Schwarz against v_t = (1-b2) Σ_s b2^(t-s) g_s²,
+# |m_t| / sqrt(v_t) <= (1-b1) / sqrt((1-b2)(1 - b1²/b2)).  For (0.9, 0.999): 7.27. (Typical steps are ~1·lr.)
+def adam_step_bound(betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """The largest |Adam step| per coordinate divided by lr (bias corrections ≈ 1; eps only shrinks the step)."""
+    b1, b2 = betas
+    if not b1 * b1 < b2:
+        raise ValueError(f"the bound needs b1² < b2, got betas {betas}")
+    return (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
+
+
+def floor_bound(recipe: Recipe, epochs_run: np.ndarray | int, lr_floor: np.ndarray | float) -> np.ndarray:
+    """What the epochs skipped by ``stop_at_floor`` could still have changed, per coordinate (∞-norm).
+
+    A member stopped after ``epochs_run`` of ``recipe.epochs`` epochs at learning rate ``lr_floor``; each
+    remaining epoch moves a coordinate by at most ``adam_step_bound · lr`` (Adam) or ``lr · |g|`` (SGD: not
+    bounded without |g|, so SGD raises). The same bound holds for the SWA average, an average of such points.
+    Multiply by ‖∇ℓ‖₁ for a first-order bound on a loss (nats).
+    """
+    if recipe.optimizer != "adam":
+        raise ValueError("floor_bound is for Adam (its step is bounded independently of the gradient)")
+    remaining = recipe.epochs - np.asarray(epochs_run, dtype=np.float64)
+    return adam_step_bound(recipe.betas) * np.asarray(lr_floor, dtype=np.float64) * remaining
+
+
 def _k_of(start: dict[str, Tensor]) -> int:
     return int(next(iter(start.values())).shape[0])
 
@@ -667,7 +730,11 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
                           x: Tensor, y: Tensor, progress: bool) -> EnsembleResult:
     """Batched Adam / AMSGrad / SGD(+momentum) with per-member lr schedules and SWA.
 
-    The update formulas are those of ``torch.optim`` (single-tensor path), written on stacked tensors.
+    The update formulas are those of ``torch.optim`` (single-tensor path), written on stacked tensors. With
+    ``recipe.stop_at_floor`` a member leaves the ensemble at the end of the epoch in which its plateau learning
+    rate reached the floor; the ensemble is compacted to the members still running (so the cost is that of the
+    epochs before each member's floor), and stops when none is left. A member's trajectory does not depend on
+    which other members share its ensemble.
     """
     k, n = _k_of(start), x.shape[0]
     dev = x.device
@@ -684,13 +751,24 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
     buf: dict[str, Tensor] | None = None
     step = 0
     gen = torch.Generator().manual_seed(recipe.seed)
-    swa_first, swa, swa_count = _swa_first_epoch(recipe), None, 0
+    swa_first, swa = _swa_first_epoch(recipe), None
+    swa_count = torch.zeros(k, dtype=torch.float64, device=dev)
     history = torch.empty((k, recipe.epochs), dtype=torch.float64, device=dev)
+    original_aux = aux
+    floor_stop = recipe.stop_at_floor and recipe.schedule == "plateau"
+    # `alive[j]` is the original index of running member j; finished members are written to `done_*`.
+    alive = torch.arange(k, device=dev)
+    done_params = {name: v.clone() for name, v in params.items()}
+    done_swa = {name: torch.zeros_like(v) for name, v in params.items()}
+    done_count = torch.zeros(k, dtype=torch.float64, device=dev)
+    done_lr = torch.full((k,), recipe.lr, dtype=torch.float64, device=dev)
+    epochs_run = torch.full((k,), recipe.epochs, dtype=torch.long, device=dev)
+    floor_epoch = torch.full((k,), -1, dtype=torch.long, device=dev)
     bar = _progress(recipe.epochs, progress, f"ensemble of {k} ({recipe.optimizer})")
     for epoch in range(recipe.epochs):
         if recipe.schedule in ("cosine", "step"):
             lr.fill_(_scheduled_lr(recipe, epoch))
-        epoch_loss = torch.zeros(k, dtype=torch.float64, device=dev)
+        epoch_loss = torch.zeros(len(alive), dtype=torch.float64, device=dev)
         for idx, scale in _batches(n, recipe, gen, dev):
             xb, yb = (x, y) if idx is None else (x[idx], y[idx])
             g, val = vg(params, aux, xb, yb, idx, scale)
@@ -727,7 +805,7 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
                 epoch_loss = val.detach().double()
             else:
                 epoch_loss += (idx.numel() / n) * val.detach().double()
-        history[:, epoch] = epoch_loss
+        history[alive, epoch] = epoch_loss
         if recipe.schedule == "plateau":
             better = epoch_loss < best * (1.0 - PLATEAU_THRESHOLD)
             best = torch.where(better, epoch_loss, best)
@@ -741,16 +819,59 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
                 swa = {name: p.clone() for name, p in params.items()}
             else:
                 for name, p in params.items():
-                    swa[name] += (p - swa[name]) / (swa_count + 1)
+                    swa[name] += (p - swa[name]) / _bcast(swa_count + 1, p)
             swa_count += 1
         bar.update(1)
+        if recipe.schedule == "plateau":
+            at_floor = _at_floor(lr, recipe)
+            floor_epoch[alive] = torch.where(at_floor & (floor_epoch[alive] < 0), epoch + 1, floor_epoch[alive])
+        if floor_stop:
+            if bool(at_floor.any()) or epoch == recipe.epochs - 1:
+                fin = at_floor if epoch < recipe.epochs - 1 else torch.ones_like(at_floor)
+                out = alive[fin]
+                epochs_run[out] = epoch + 1
+                done_lr[out] = lr[fin]
+                done_count[out] = swa_count[fin]
+                for name, p in params.items():
+                    done_params[name][out] = p[fin]
+                    if swa is not None:
+                        done_swa[name][out] = swa[name][fin]
+                keep = ~fin
+                if not bool(keep.any()):
+                    history[out, epoch + 1:] = history[out, epoch:epoch + 1]
+                    break
+                # history after a member's stop: its last epoch's objective (it would change by < floor_bound)
+                history[out, epoch + 1:] = history[out, epoch:epoch + 1]
+                alive = alive[keep]
+                params = {name: p[keep] for name, p in params.items()}
+                m = {name: t[keep] for name, t in m.items()}
+                v2 = {name: t[keep] for name, t in v2.items()}
+                if vmax is not None:
+                    vmax = {name: t[keep] for name, t in vmax.items()}
+                if buf is not None:
+                    buf = {name: t[keep] for name, t in buf.items()}
+                if swa is not None:
+                    swa = {name: t[keep] for name, t in swa.items()}
+                aux = tuple(a[keep] for a in aux)
+                lr, best, bad, swa_count = lr[keep], best[keep], bad[keep], swa_count[keep]
     bar.close()
+    if floor_stop:
+        params, lr = done_params, done_lr
+        if swa_first is not None:
+            # SWA over epochs [swa_first, epochs): a member that stopped early holds its last parameters for the
+            # rest, so the average is completed with them (exact up to floor_bound).
+            total = float(recipe.epochs - swa_first)
+            swa = {name: (_bcast(done_count, p) * done_swa[name] + _bcast(total - done_count, p) * p) / total
+                   for name, p in params.items()}
+        aux = original_aux
     final = swa if swa is not None else params
-    g, val = vg(final, aux, x, y, None, 1.0)
+    g, val = vmap(grad_and_value(member_objective), in_dims=(0, 0, None, None, None, None))(
+        final, aux, x, y, None, 1.0)
     _check_finite(val, g, "the end of training", recipe)
     gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
     return EnsembleResult(final, val.detach().double().cpu().numpy(), gn.double().cpu().numpy(),
-                          history.cpu().numpy(), (gn < recipe.tol).cpu().numpy(), lr.cpu().numpy())
+                          history.cpu().numpy(), (gn < recipe.tol).cpu().numpy(), lr.cpu().numpy(),
+                          floor_epoch.cpu().numpy(), epochs_run.cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------------- Newton

@@ -348,3 +348,45 @@ def test_deep_models_use_a_gpu_when_one_is_there(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert sweeps.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cpu")
     assert sweeps.DeepConfig(dataset="mnist5k", model="fc16", device="cpu").torch_device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------ dispatch of the sweeps
+
+TINY = dict(depths=(1, 2), widths=(8,), depth_regimes=("nol2", "l2", "l2_swa"), width_regimes=("l2",),
+            last_layer_regimes=("l2",), reps=2, epochs=40, retrain_epochs=8, n_candidates=4, dtype="float64")
+
+
+def test_iris_sweeps_on_a_two_worker_local_cluster_equal_the_serial_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweeps' own entry point, chunked by repetition, gives the same tables serially and on Dask."""
+    from helpers import dispatch
+
+    distributed = pytest.importorskip("dask.distributed", reason="install the dev extra (dask[distributed])")
+    monkeypatch.delenv(dispatch.SCHEDULER_ENV, raising=False)
+    cfg = sweeps.IrisSweepConfig(**TINY)
+    assert len(cfg.chunks(1)) == 3 * 2  # (depth plain, depth swa, width plain) × 2 blocks of one repetition
+    seen: list[dict] = []
+    serial = sweeps.run_iris_sweeps(cfg, block=1, cache=False, on_result=lambda t, r: seen.append(t))
+    assert sorted(map(str, seen)) == sorted(map(str, cfg.chunks(1)))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        on_cluster = sweeps.run_iris_sweeps(cfg, block=1, cache=False, scheduler=c.scheduler_address)
+    for name in ("runs", "models", "points"):
+        pd.testing.assert_frame_equal(getattr(serial, name), getattr(on_cluster, name))
+    # the chunking does not change a member's numbers either (the stack is the config's in every chunk)
+    whole = sweeps.run_iris_sweeps(cfg, block=2, cache=False)
+    keys = ["sweep", "regime", "value", "rep", "protocol", "estimator"]
+    a, b = (r.runs.sort_values(keys).reset_index(drop=True) for r in (serial, whole))
+    np.testing.assert_allclose(a["delta_mean"], b["delta_mean"], rtol=1e-9, atol=1e-12)
+    skipped = sweeps.run_iris_sweeps(cfg, block=1, cache=False, skip=lambda t: t["sweep"] == "depth")
+    assert set(skipped.runs["sweep"]) == {"width"}
+
+
+def test_floor_stop_records_floor_epochs_and_bounds() -> None:
+    """Every model and retraining records when its lr reached the floor, and the bound on what was skipped."""
+    cfg = sweeps.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
+                                    "patience": 5, "depth_regimes": ("l2",), "width_regimes": ()})
+    r = sweeps.run_iris_sweeps(cfg, cache=False)
+    m = r.models
+    assert (m["floor_epoch"] > 0).all() and (m["epochs_run"] == m["floor_epoch"]).all()
+    assert (m["epochs_run"] < 1500).all() and np.isclose(m["final_lr"], 0.05e-7).all()
+    assert (m["floor_bound_param"] > 0).all() and (m["floor_bound_nats"] > 0).all()
+    assert (r.runs["retrain_epochs_run_max"] <= 600).all() and "retrain_floor_median" in r.runs

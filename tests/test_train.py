@@ -83,6 +83,9 @@ CASES = {
     "adam+minibatch+plateau": (Recipe(optimizer="adam", lr=0.1, epochs=40, batch_size=7, schedule="plateau",
                                       patience=0, seed=1), MLP, "all"),
     "newton+wd": (Recipe(optimizer="newton", weight_decay=1e-2, tol=1e-12), LogReg, "all"),
+    # members reach the lr floor at different epochs, leave the ensemble there, and SWA is completed
+    "adam+plateau+floor-stop+swa": (Recipe(optimizer="adam", lr=0.05, epochs=300, schedule="plateau", patience=2,
+                                           weight_decay=0.1, swa_start=0.3, stop_at_floor=True), MLP, "all"),
 }
 
 
@@ -111,6 +114,11 @@ def test_batched_leave_one_out_ensemble_equals_fits_one_by_one(case):
         assert len(set(ens.lr.tolist())) > 1
     if recipe.optimizer == "newton":
         assert ens.converged.all() and (ens.grad_norm < 1e-12).all()
+    if recipe.stop_at_floor:
+        for j in range(len(removed)):
+            one = fit(recipe, model, x, y, weights=w[j], params=which, progress=False)
+            assert (ens.floor_epoch[j], ens.epochs_run[j]) == (one.floor_epoch, one.epochs_run)
+        assert (ens.epochs_run < recipe.epochs).sum() >= 2 and len(set(ens.floor_epoch.tolist())) > 1
     # the members really differ: removal changes the fit
     k0 = next(iter(ens.params))
     assert not torch.allclose(ens.params[k0][0], ens.params[k0][-1], rtol=0, atol=1e-12)
@@ -177,3 +185,26 @@ def test_bad_input_is_named():
                      progress=False)
     with pytest.raises(ValueError, match="integer class labels"):
         fit(Recipe(epochs=1), model, x, y.double(), progress=False)
+
+
+def test_floor_stop_is_within_its_bound_of_the_full_run():
+    """Stopping at the lr floor skips epochs that could move a coordinate by at most floor_bound; the full
+    run (same recipe without the stop) must lie within that bound, and reach the floor at the same epoch."""
+    from helpers.train import adam_step_bound, floor_bound
+
+    x, y = make_data()
+    model = make_model(MLP)
+    w = removal_weights(40, [0, 7, -1])
+    stop = Recipe(optimizer="adam", lr=0.05, epochs=400, schedule="plateau", patience=2, weight_decay=0.1,
+                  stop_at_floor=True)
+    short = fit_ensemble(stop, model, x, y, weights=w, progress=False)
+    full = fit_ensemble(stop.replace(stop_at_floor=False), model, x, y, weights=w, progress=False)
+    np.testing.assert_array_equal(short.floor_epoch, full.floor_epoch)
+    assert (short.epochs_run < 400).all() and (full.floor_epoch > 0).all()
+    bound = floor_bound(stop, short.epochs_run, short.lr)
+    for j in range(3):
+        moved = max(float((full.params[k][j] - short.params[k][j]).abs().max()) for k in full.params)
+        assert 0 < moved <= bound[j]
+    assert adam_step_bound() == pytest.approx(7.27, abs=0.01)
+    with pytest.raises(ValueError, match="stop_at_floor needs schedule='plateau'"):
+        Recipe(stop_at_floor=True)

@@ -1,0 +1,175 @@
+"""Chapter 2's paper-profile Iris sweeps, run once and kept in the repository, chunk by chunk.
+
+The paper profile of the Iris sweeps (50 repetitions, every regime, the paper's 60,000 / 7,500 epochs) takes
+hours. It is run in the background on a Dask ``LocalCluster`` (or any cluster) and every finished chunk — one
+sweep × one regime family × one block of repetitions, see :meth:`helpers.sweeps.IrisSweepConfig.chunks` — is
+written under ``book/data/iris_paper/<chunk>/`` as small CSVs with its provenance (command, git SHA, date,
+machine, wall time) and, with ``--commit``, committed at once. A fresh clone therefore resumes where the last
+run stopped: chunks already stored are skipped.
+
+    python -m helpers.sweep_store run --workers 2 --commit     # start or resume (hours; in the background)
+    python -m helpers.sweep_store status                       # which chunks are stored
+
+Chapter 2 reads the stored chunks with :func:`load` and shows them beside the default run and the paper's bars;
+``tests/test_sweep_store.py`` recomputes one stored repetition from its seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from helpers.cache import REPO_ROOT
+from helpers.sweeps import IrisSweepConfig, IrisSweepResult, run_iris_chunk, run_iris_sweeps
+
+STORE = REPO_ROOT / "book" / "data" / "iris_paper"
+BLOCK = 5  # repetitions per chunk: ~minutes each, so an interruption loses little
+TABLES = ("runs", "models", "points", "history", "lanczos")
+
+
+def paper_config() -> IrisSweepConfig:
+    """The paper's Iris protocol at its full scale (STUDY.md §3): the defaults of :class:`IrisSweepConfig`, with
+    the last-layer protocol for both deterministic plain regimes."""
+    return IrisSweepConfig(last_layer_regimes=("nol2", "l2"))
+
+
+def chunk_name(task: dict[str, Any]) -> str:
+    """Folder name of a chunk, e.g. ``depth-plain-r00-05``."""
+    return f"{task['sweep']}-{task['family']}-r{task['rep_start']:02d}-{task['rep_stop']:02d}"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def is_stored(task: dict[str, Any], config: IrisSweepConfig, store: Path = STORE) -> bool:
+    """True when the chunk's folder holds every table and a provenance written for this same config."""
+    folder = store / chunk_name(task)
+    prov = folder / "provenance.json"
+    if not prov.exists() or not all((folder / f"{t}.csv.gz").exists() for t in TABLES):
+        return False
+    return json.loads(prov.read_text())["config"] == dataclasses.asdict(config)
+
+
+def write_chunk(task: dict[str, Any], result: IrisSweepResult, config: IrisSweepConfig, *, wall_s: float,
+                store: Path = STORE, command: str = "") -> Path:
+    """Write one chunk's tables (gzip CSV, full float precision) and its provenance; returns the folder."""
+    folder = store / chunk_name(task)
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in TABLES:
+        # written to a temporary name first so that a killed run never leaves a half-written table
+        tmp = folder / f".{t}.csv.gz.tmp"
+        getattr(result, t).to_csv(tmp, index=False, float_format="%.17g", compression={"method": "gzip", "mtime": 0})
+        os.replace(tmp, folder / f"{t}.csv.gz")
+    prov = {"task": task, "config": dataclasses.asdict(config), "command": command or " ".join(sys.argv),
+            "git_sha": _git("rev-parse", "HEAD"), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"node": platform.node(), "system": platform.platform(), "cpus": os.cpu_count(),
+                        "python": platform.python_version(), "torch": _torch_version()},
+            "wall_s": round(wall_s, 1)}
+    (folder / "provenance.json").write_text(json.dumps(prov, indent=1, default=list) + "\n")
+    return folder
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def load(store: Path = STORE, config: IrisSweepConfig | None = None) -> tuple[IrisSweepResult, pd.DataFrame]:
+    """Every stored chunk of ``config`` (default: :func:`paper_config`) as one result, and a provenance table
+    (one row per chunk: name, repetitions, date, git SHA, wall time). Chunks not yet stored are simply absent;
+    an empty store gives empty tables."""
+    config = config or paper_config()
+    parts, prov = [], []
+    for task in config.chunks(BLOCK):
+        if not is_stored(task, config, store):
+            continue
+        folder = store / chunk_name(task)
+        parts.append(IrisSweepResult(*(pd.read_csv(folder / f"{t}.csv.gz") for t in TABLES)))
+        p = json.loads((folder / "provenance.json").read_text())
+        prov.append({"chunk": chunk_name(task), **task, "date": p["date"], "git_sha": p["git_sha"][:10],
+                     "wall_s": p["wall_s"], "machine": p["machine"]["node"], "cpus": p["machine"]["cpus"]})
+    if not parts:
+        return IrisSweepResult(*(pd.DataFrame() for _ in TABLES)), pd.DataFrame(prov)
+    return IrisSweepResult.concat(parts), pd.DataFrame(prov)
+
+
+def recompute(task: dict[str, Any], config: IrisSweepConfig | None = None) -> IrisSweepResult:
+    """Recompute one stored chunk (or a narrower block of its repetitions) from its seeds, uncached."""
+    return run_iris_chunk(config or paper_config(), **task, cache=False)
+
+
+def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSweepConfig | None = None,
+        store: Path = STORE) -> None:
+    """Run every chunk not yet stored on a Dask cluster (a ``LocalCluster`` of ``workers`` one-thread processes
+    unless ``scheduler`` names one), writing — and with ``commit`` committing — each as it finishes."""
+    config = config or paper_config()
+    command = " ".join(["python -m helpers.sweep_store run", f"--workers {workers}"] + (["--commit"] if commit else []))
+    started = {"t": time.perf_counter()}
+
+    def done(task: dict[str, Any], result: IrisSweepResult) -> None:
+        now = time.perf_counter()
+        folder = write_chunk(task, result, config, wall_s=now - started["t"], store=store, command=command)
+        started["t"] = now
+        print(f"stored {folder.relative_to(REPO_ROOT)}", flush=True)
+        if commit:
+            rel = str(folder.relative_to(REPO_ROOT))
+            _git("add", rel)
+            _git("commit", "-m", f"Paper-profile Iris sweeps: chunk {chunk_name(task)} (python -m helpers.sweep_store)",
+                 "--", rel)
+
+    cluster = None
+    if scheduler is None:
+        from dask.distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        scheduler = cluster.scheduler_address
+    try:
+        # wall time per chunk is measured between completions: with w workers it is w chunks' worth of one core
+        run_iris_sweeps(config, block=BLOCK, scheduler=scheduler, progress=True, cache=False, on_result=done,
+                        skip=lambda t: is_stored(t, config, store))
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.sweep_store", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) the paper-profile Iris sweeps, chunk by chunk")
+    r.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (one thread each)")
+    r.add_argument("--scheduler", default=None, help="an existing Dask scheduler address instead of a LocalCluster")
+    r.add_argument("--commit", action="store_true", help="git-commit each chunk as soon as it is stored")
+    sub.add_parser("status", help="list the stored and the missing chunks")
+    args = parser.parse_args(argv)
+    config = paper_config()
+    if args.cmd == "status":
+        tasks = config.chunks(BLOCK)
+        have = [t for t in tasks if is_stored(t, config)]
+        print(f"{len(have)} of {len(tasks)} chunks stored in {STORE.relative_to(REPO_ROOT)}")
+        for t in tasks:
+            print(("  stored   " if t in have else "  missing  ") + chunk_name(t))
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    run(args.workers, args.commit, args.scheduler, config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
