@@ -48,7 +48,7 @@ import scipy.stats as st
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from helpers import data as data_mod
 from helpers import models
@@ -450,6 +450,7 @@ class StackFit:
         recipe: ``Recipe.to_dict()``.
         floor_epoch, epochs_run: ``[k]`` the epoch at which the plateau lr reached its floor (-1: never) and the
             epochs computed (see :attr:`helpers.train.Recipe.stop_at_floor`).
+        last: with SWA, ``[k, size]`` the last iterates (``theta`` is then the average); None otherwise.
     """
 
     stack: Stack
@@ -463,6 +464,7 @@ class StackFit:
     recipe: dict[str, Any]
     floor_epoch: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     epochs_run: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    last: Tensor | None = None
 
     @property
     def masks(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -528,7 +530,8 @@ def fit_stack(stack: Stack, members: pd.DataFrame, x: Tensor, y: Tensor, recipe:
     res = train_ensemble(recipe, stack_objective(stack, per_member_x=x_members is not None, var_floor=var_floor),
                          {"theta": theta0}, aux, xc, yc, progress=progress)
     return StackFit(stack, members.reset_index(drop=True), res.params["theta"].detach(), aux, res.loss,
-                    res.grad_norm, res.lr, res.history, recipe.to_dict(), res.floor_epoch, res.epochs_run)
+                    res.grad_norm, res.lr, res.history, recipe.to_dict(), res.floor_epoch, res.epochs_run,
+                    None if res.last is None else res.last["theta"].detach())
 
 
 # ============================================================================================ retraining
@@ -571,7 +574,7 @@ def _chunks(k: int, per_member: int, max_members: int) -> list[slice]:
 
 def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor], removed: np.ndarray,
                   recipe: Recipe, *, loo: str = "reaverage", var_floor: float = 1e-4, max_members: int = 4096,
-                  progress: bool = False) -> Retrained:
+                  progress: bool = False, also_last: bool = False) -> Retrained | tuple[Retrained, Retrained]:
     """All-layer warm-start retraining of every member without each of its ``removed`` points, and once without
     removing anything (drift), as ensembles of at most ``max_members`` members.
 
@@ -582,8 +585,12 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
 
     Args:
         removed: ``[k, m]`` training indices per member. test: ``(x_t [1, d], y_t [1])``, the shared test point.
-    Cost: k·(m + 1) members for the recipe's epochs.
+        also_last: with an SWA recipe, also return the retraining *without* averaging (its last iterates: SWA
+            does not change the trajectory), as a second :class:`Retrained` with the SWA-free recipe.
+    Cost: k·(m + 1) members for the recipe's epochs (until each one's floor with ``stop_at_floor``).
     """
+    if also_last and recipe.swa_start is None:
+        raise ValueError("also_last needs an SWA recipe (without SWA the last iterates are the result)")
     if recipe.weight_decay != 0:
         raise ValueError("retrain_stack takes λ per member from the fit: set the recipe's weight_decay to 0")
     removed = np.asarray(removed, dtype=np.int64)
@@ -597,7 +604,8 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
     if per_member_x:
         raise ValueError("retrain_stack needs a fit on shared inputs")
     theta_hat = fit.theta.to(dt)
-    delta, drift, ref, gn = (np.zeros((k, m)), np.zeros(k), np.zeros(k), np.zeros((k, m + 1)))
+    views = ("params", "last") if also_last else ("params",)
+    out = {v: (np.zeros((k, m)), np.zeros(k), np.zeros(k), np.zeros((k, m + 1))) for v in views}
     fe, er, lr = (np.zeros((k, m + 1), dtype=np.int64), np.zeros((k, m + 1), dtype=np.int64), np.zeros((k, m + 1)))
     # Retrain each architecture in a stack of exactly its size: the retraining ensembles are large (k·(m + 1)
     # members) and compute-bound, so skipping the unused layers and units of the shared stack pays for itself.
@@ -618,17 +626,33 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
             aux = (w, lam[sl].repeat_interleave(m + 1), dm.expand(K, -1), um.expand(K, -1), am.expand(K, -1),
                    lw[sl].repeat_interleave(m + 1, dim=0))
             res = train_ensemble(recipe, objective, start, aux, xc, yc, progress=progress)
-            thetas = torch.cat([res.params["theta"].detach(), th_sub[sl]])
-            KK = thetas.shape[0]
-            losses = stack_losses(sub, thetas, xt, yt, dm.expand(KK, -1), um.expand(KK, -1),
-                                  var_floor)[:, 0].double().numpy()
-            members, refs = losses[:-kk].reshape(kk, m + 1), losses[-kk:]
-            delta[rows] = members[:, :m] - refs[:, None]
-            drift[rows] = members[:, m] - refs
-            ref[rows] = refs
-            gn[rows] = res.grad_norm.reshape(kk, m + 1)
+            for view in views:
+                final = (res.params if view == "params" else res.last)["theta"].detach()
+                thetas = torch.cat([final, th_sub[sl]])
+                KK = thetas.shape[0]
+                losses = stack_losses(sub, thetas, xt, yt, dm.expand(KK, -1), um.expand(KK, -1),
+                                      var_floor)[:, 0].double().numpy()
+                members, refs = losses[:-kk].reshape(kk, m + 1), losses[-kk:]
+                delta, drift, ref, gn = out[view]
+                delta[rows] = members[:, :m] - refs[:, None]
+                drift[rows] = members[:, m] - refs
+                ref[rows] = refs
+                if view == "params":
+                    gn[rows] = res.grad_norm.reshape(kk, m + 1)
+                else:  # the gradient norm at the last iterates, not at the average
+                    gn[rows] = _stack_grad_norms(objective, final, aux, xc, yc).reshape(kk, m + 1)
             fe[rows], er[rows], lr[rows] = (a.reshape(kk, m + 1) for a in (res.floor_epoch, res.epochs_run, res.lr))
-    return Retrained(delta, drift, ref, gn, removed, "all_layers", recipe.to_dict(), fe, er, lr)
+    results = tuple(Retrained(*out[v], removed, "all_layers",
+                              (recipe if v == "params" else recipe.replace(swa_start=None)).to_dict(), fe, er, lr)
+                    for v in views)
+    return results if also_last else results[0]
+
+
+def _stack_grad_norms(objective: MemberObjective, theta: Tensor, aux: tuple, x: Tensor, y: Tensor) -> np.ndarray:
+    """``[k]`` ‖∇R‖₂ of each member of a stacked θ ``[k, size]`` under its own aux (full batch)."""
+    g, _ = vmap(grad_and_value(objective), in_dims=(0, 0, None, None, None, None))({"theta": theta}, aux, x, y,
+                                                                                 None, 1.0)
+    return g["theta"].double().pow(2).sum(1).sqrt().numpy()
 
 
 def _linear_objective(n_classes: int) -> MemberObjective:
@@ -1088,18 +1112,19 @@ class IrisSweepConfig:
                 for s, f in self.groups() for r in range(0, self.reps, block)]
 
     def groups(self) -> list[tuple[str, str]]:
-        """``(sweep, family)`` groups that train as one ensemble: family ``plain``, ``swa`` or ``bnn``."""
+        """``(sweep, family)`` groups that train as one ensemble: family ``plain`` (with and without weight decay,
+        each with and without SWA: averaging does not change the trajectory, so the SWA regimes share the training
+        of their plain twins) or ``bnn``."""
         out = []
         for sweep, regimes in (("depth", self.depth_regimes), ("width", self.width_regimes)):
-            for family in ("plain", "swa", "bnn"):
+            for family in ("plain", "bnn"):
                 if any(_family(r) == family for r in regimes):
                     out.append((sweep, family))
         return out
 
 
 def _family(regime: str) -> str:
-    r = REGIMES[regime]
-    return "bnn" if r.bayesian else ("swa" if r.swa else "plain")
+    return "bnn" if REGIMES[regime].bayesian else "plain"
 
 
 @dataclass
@@ -1182,7 +1207,9 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
     d = iris_data(config.test_index)
     x, y = d.train
     n = x.shape[0]
-    fit = fit_stack(stack, members, x, y, config.recipe(config.epochs, family == "swa"), progress=progress)
+    swa = members["regime"].map(lambda r: REGIMES[r].swa).to_numpy()
+    train_recipe = config.recipe(config.epochs, bool(swa.any()))
+    fit = _fit_shared(stack, members, swa, x, y, train_recipe, progress)
     dmask, umask, amask = (m.double() for m in fit.masks)
     theta = fit.theta.double()
     train_losses = stack_losses(stack, theta, x, y, dmask, umask)  # [k, n], float64
@@ -1238,9 +1265,7 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
                                  "dense_bottom": info.at[j, "bottom"], "lanczos_bottom": lz["bottom"]})
 
     # --- ground truths
-    retrain_recipe = config.recipe(config.retrain_epochs, family == "swa")
-    truths = {"all_layers": retrain_stack(fit, x, y, d.test, candidates, retrain_recipe, loo=config.loo,
-                                          max_members=config.max_members, progress=progress)}
+    truths = {"all_layers": _retrain_shared(fit, swa, x, y, d.test, candidates, config, progress)}
     last_idx = np.flatnonzero(members["regime"].isin(config.last_layer_regimes).to_numpy())
     if not bayes and last_idx.size:
         sub = torch.as_tensor(last_idx)
@@ -1248,7 +1273,8 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
         f32 = stack_features(stack, fit.theta[sub], x.to(fit.theta.dtype), fit.masks[0][sub], fit.masks[1][sub])
         f32_t = stack_features(stack, fit.theta[sub], d.x_test.to(fit.theta.dtype), fit.masks[0][sub], fit.masks[1][sub])
         lt = retrain_last_layer(f32, y, sp["out.weight"], sp["out.bias"], members["l2"].to_numpy()[last_idx],
-                                f32_t[:, 0], d.y_test.repeat(len(last_idx)), candidates[last_idx], retrain_recipe,
+                                f32_t[:, 0], d.y_test.repeat(len(last_idx)), candidates[last_idx],
+                                config.recipe(config.retrain_epochs, False),
                                 loo=config.loo, max_members=config.max_members, progress=progress)
         truths["last_layer"] = lt
 
@@ -1256,7 +1282,6 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
     labels = members[["sweep", "regime", "value", "rep"]]
     acc = (vmap(lambda t, dm, um: stack.forward(t, x, dm, um) if not bayes else stack.forward(t, x, dm, um).logit_mean)(
         theta, dmask, umask).argmax(-1) == y).double().mean(1).numpy()
-    train_recipe = config.recipe(config.epochs, family == "swa")
     skipped = floor_bound(train_recipe, fit.epochs_run, fit.lr)
     model_tab = pd.concat([labels, pd.DataFrame({
         "train_loss": fit.loss, "grad_norm": fit.grad_norm, "final_lr": fit.lr, "train_acc": acc,
@@ -1293,6 +1318,85 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
         runs[f"abs_{col}"] = runs[col].abs()
     return IrisSweepResult(runs, model_tab, pd.concat(point_rows, ignore_index=True), _history_frame(members, fit.history),
                            pd.DataFrame(lanczos_rows))
+
+
+def _fit_shared(stack: Stack, members: pd.DataFrame, swa: np.ndarray, x: Tensor, y: Tensor, recipe: Recipe,
+                progress: bool) -> StackFit:
+    """Train each distinct (depth, width, λ, seed) once — with SWA tracked when any member averages — and give
+    every member row its θ̂: the average for SWA regimes, the last iterate for the others (same trajectory)."""
+    keys = ["depth", "width", "l2", "seed"]
+    distinct = members.drop_duplicates(keys).reset_index(drop=True)
+    row = members.merge(distinct.reset_index()[keys + ["index"]], on=keys, how="left")["index"].to_numpy()
+    fit = fit_stack(stack, distinct, x, y, recipe, progress=progress)
+    rows = torch.as_tensor(row.copy())
+    last = fit.theta if fit.last is None else fit.last
+    sel = torch.as_tensor(swa)[:, None]
+    theta = torch.where(sel, fit.theta[rows], last[rows])
+    aux = tuple(a[rows] for a in fit.aux)
+    loss, gn = fit.loss[row].copy(), fit.grad_norm[row].copy()
+    if fit.last is not None and (~swa).any():
+        # the objective and gradient of the plain members are those at the last iterate, not at the average
+        plain = np.flatnonzero(~swa)
+        objective = stack_objective(stack)
+        sub_aux = tuple(a[plain] for a in aux)
+        g, val = vmap(grad_and_value(objective), in_dims=(0, 0, None, None, None, None))(
+            {"theta": theta[plain]}, sub_aux, x.to(theta.dtype), y.long(), None, 1.0)
+        loss[plain] = val.double().numpy()
+        gn[plain] = g["theta"].double().pow(2).sum(1).sqrt().numpy()
+    return StackFit(stack, members.reset_index(drop=True), theta, aux, loss, gn, fit.lr[row], fit.history[row],
+                    fit.recipe, fit.floor_epoch[row], fit.epochs_run[row], None)
+
+
+def _retrain_shared(fit: StackFit, swa: np.ndarray, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor],
+                    candidates: np.ndarray, config: IrisSweepConfig, progress: bool) -> Retrained:
+    """All-layer warm-start retraining of every member, SWA regimes with the SWA recipe. A plain member and its
+    SWA twin that start from the same θ̂ (bit for bit: the floor came before averaging began) are retrained once,
+    with SWA tracked: the last iterates are the plain retraining, the average the SWA one."""
+    plain_recipe = config.recipe(config.retrain_epochs, False)
+    swa_recipe = config.recipe(config.retrain_epochs, True)
+    k, m = candidates.shape
+    keys = ["depth", "width", "l2", "seed"]
+    twin = np.full(k, -1)
+    if swa.any():
+        index = {tuple(r): j for j, r in enumerate(fit.members[keys].itertuples(index=False)) if not swa[j]}
+        for j in np.flatnonzero(swa):
+            t = index.get(tuple(fit.members.loc[j, keys]))
+            if t is not None and torch.equal(fit.theta[j], fit.theta[t]):
+                twin[j] = t
+    shared = np.unique(twin[twin >= 0])
+    alone_plain = np.setdiff1d(np.flatnonzero(~swa), shared)
+    alone_swa = np.flatnonzero(swa & (twin < 0))
+    parts: dict[int, tuple[Retrained, int]] = {}
+
+    def run(idx: np.ndarray, recipe: Recipe, also_last: bool = False):
+        if not idx.size:
+            return None
+        sub = _subfit(fit, idx)
+        return retrain_stack(sub, x, y, test, candidates[idx], recipe, loo=config.loo,
+                             max_members=config.max_members, progress=progress, also_last=also_last)
+
+    if shared.size:
+        avg, last = run(shared, swa_recipe, also_last=True)
+        for i, j in enumerate(shared):
+            parts[int(j)] = (last, i)
+        for j in np.flatnonzero(twin >= 0):
+            parts[int(j)] = (avg, int(np.searchsorted(shared, twin[j])))
+    for idx, recipe in ((alone_plain, plain_recipe), (alone_swa, swa_recipe)):
+        r = run(idx, recipe)
+        for i, j in enumerate(idx):
+            parts[int(j)] = (r, i)
+    fields = ("delta", "drift", "ref_loss", "grad_norm", "floor_epoch", "epochs_run", "lr")
+    merged = {f: np.stack([getattr(parts[j][0], f)[parts[j][1]] for j in range(k)]) for f in fields}
+    return Retrained(removed=candidates, protocol="all_layers",
+                     recipe={"plain": plain_recipe.to_dict(), "swa": swa_recipe.to_dict()}, **merged)
+
+
+def _subfit(fit: StackFit, idx: np.ndarray) -> StackFit:
+    """The members ``idx`` of a fit, as a fit of their own."""
+    t = torch.as_tensor(idx)
+    return StackFit(fit.stack, fit.members.iloc[idx].reset_index(drop=True), fit.theta[t],
+                    tuple(a[t] for a in fit.aux), fit.loss[idx], fit.grad_norm[idx], fit.lr[idx], fit.history[idx],
+                    fit.recipe, fit.floor_epoch[idx], fit.epochs_run[idx], None)
 
 
 def _test_grad_l1(stack: Stack, theta: Tensor, x_test: Tensor, y_test: Tensor, dmask: Tensor, umask: Tensor

@@ -211,6 +211,8 @@ class EnsembleResult:
             learning rate reached the floor, -1 if it never did; empty otherwise.
         epochs_run: ``[k]`` epochs actually computed per member (``recipe.epochs`` unless it stopped at the
             floor); empty for Newton / L-BFGS.
+        last: with SWA, the last iterates (``params`` holds the average): SWA does not change the trajectory, so
+            one SWA run also gives the run without averaging. None without SWA.
     """
 
     params: dict[str, Tensor]
@@ -221,6 +223,7 @@ class EnsembleResult:
     lr: np.ndarray = field(default_factory=lambda: np.zeros(0))
     floor_epoch: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     epochs_run: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    last: dict[str, Tensor] | None = None
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -861,7 +864,9 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
             # SWA over epochs [swa_first, epochs): a member that stopped early holds its last parameters for the
             # rest, so the average is completed with them (exact up to floor_bound).
             total = float(recipe.epochs - swa_first)
-            swa = {name: (_bcast(done_count, p) * done_swa[name] + _bcast(total - done_count, p) * p) / total
+            # members stopped before averaging began hold their parameters all along: their average is exactly them
+            swa = {name: torch.where(_bcast(done_count, p) > 0, (_bcast(done_count, p) * done_swa[name]
+                                                                 + _bcast(total - done_count, p) * p) / total, p)
                    for name, p in params.items()}
         aux = original_aux
     final = swa if swa is not None else params
@@ -871,7 +876,7 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
     gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
     return EnsembleResult(final, val.detach().double().cpu().numpy(), gn.double().cpu().numpy(),
                           history.cpu().numpy(), (gn < recipe.tol).cpu().numpy(), lr.cpu().numpy(),
-                          floor_epoch.cpu().numpy(), epochs_run.cpu().numpy())
+                          floor_epoch.cpu().numpy(), epochs_run.cpu().numpy(), params if swa is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------- Newton

@@ -363,7 +363,7 @@ def test_iris_sweeps_on_a_two_worker_local_cluster_equal_the_serial_run(monkeypa
     distributed = pytest.importorskip("dask.distributed", reason="install the dev extra (dask[distributed])")
     monkeypatch.delenv(dispatch.SCHEDULER_ENV, raising=False)
     cfg = sweeps.IrisSweepConfig(**TINY)
-    assert len(cfg.chunks(1)) == 3 * 2  # (depth plain, depth swa, width plain) × 2 blocks of one repetition
+    assert len(cfg.chunks(1)) == 2 * 2  # (depth plain with its SWA twins, width plain) × 2 blocks of one repetition
     seen: list[dict] = []
     serial = sweeps.run_iris_sweeps(cfg, block=1, cache=False, on_result=lambda t, r: seen.append(t))
     assert sorted(map(str, seen)) == sorted(map(str, cfg.chunks(1)))
@@ -390,3 +390,19 @@ def test_floor_stop_records_floor_epochs_and_bounds() -> None:
     assert (m["epochs_run"] < 1500).all() and np.isclose(m["final_lr"], 0.05e-7).all()
     assert (m["floor_bound_param"] > 0).all() and (m["floor_bound_nats"] > 0).all()
     assert (r.runs["retrain_epochs_run_max"] <= 600).all() and "retrain_floor_median" in r.runs
+
+
+def test_swa_twins_share_their_trajectory_and_equal_a_separate_run() -> None:
+    """An SWA regime trained beside its plain twin (one shared trajectory, the average tracked) gives the same
+    numbers as the SWA regime run on its own; with the floor before averaging begins, SWA changes nothing."""
+    base = {**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05, "patience": 5, "depths": (1,),
+            "width_regimes": (), "last_layer_regimes": ()}
+    both = sweeps.run_iris_sweeps(sweeps.IrisSweepConfig(**{**base, "depth_regimes": ("l2", "l2_swa")}), cache=False)
+    alone = sweeps.run_iris_sweeps(sweeps.IrisSweepConfig(**{**base, "depth_regimes": ("l2_swa",)}), cache=False)
+    a = both.runs[both.runs.regime == "l2_swa"].reset_index(drop=True)
+    b = alone.runs.reset_index(drop=True)
+    for col in ("spearman", "delta_mean", "drift", "retrain_floor_max"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-10, atol=1e-14)
+    plain = both.runs[both.runs.regime == "l2"].reset_index(drop=True)
+    assert (both.models["floor_epoch"] < 0.75 * 1500).all()  # the floor came before the average began
+    np.testing.assert_allclose(plain["delta_mean"], a["delta_mean"], rtol=1e-12)
