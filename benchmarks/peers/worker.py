@@ -8,6 +8,10 @@ so it imports nothing from ``helpers`` at module level and reads the problem fro
 (:mod:`benchmarks.peers.problems`). It writes ``<out>.npy`` — the method's answer converted to the book's
 convention, Δ_pred ``[n_test, n_train]`` float64 (STUDY.md §1) — and ``<out>.json`` with the timings.
 
+``--dtype float32`` runs the method on the problem cast to float32 (data, θ̂ and torch's default dtype); its
+answer is still compared with the float64 reference. :func:`main` takes its arguments as a list, so that the
+tiny check of ``make test`` (``tests/test_bench_check.py``) can run this same code in the test's process.
+
 Protocol (the same for every library, one thread each: ``--threads``, default 1): one warm-up call, then
 ``--repeats`` timed calls; the reported time is their median — except after a warm-up longer than ``--slow``
 seconds, whose one call is the time (warm-up effects are negligible there, and the run budget is not). A call is the whole pipeline from a trained model and its data to the ``[n_test, n_train]`` scores: the
@@ -293,7 +297,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line), run and time the method, write ``<out>.npy`` and ``<out>.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problem", required=True, type=Path)
     parser.add_argument("--library", required=True, choices=sorted(RUNNERS))
@@ -306,10 +311,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (the same for every library; the caller also sets OMP/MKL)")
     parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.library == "helpers":
+    if args.library == "helpers" and str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     # several peers allocate buffers with torch's default dtype (dattri's Arnoldi matrix and score matrix, captum's
@@ -339,7 +344,7 @@ def main() -> None:
     result = {
         "seconds": statistics.median(times) if times else warm, "warmup_seconds": warm, "times": times,
         "peak_mib": (peak - base) / 1024 if reset_ok else None, "peak_method": "VmHWM-VmRSS" if reset_ok else None,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__,
+        "threads": torch.get_num_threads(), "dtype": args.dtype, "torch": torch.__version__, "numpy": np.__version__,
         "info": {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in info.items()},
         "loadavg_end": os.getloadavg(),
     }
