@@ -61,11 +61,21 @@ def is_stored(task: dict[str, Any], config: IrisSweepConfig, store: Path = STORE
     prov = folder / "provenance.json"
     if not prov.exists() or not all((folder / f"{t}.csv.gz").exists() for t in TABLES):
         return False
-    return json.loads(prov.read_text())["config"] == dataclasses.asdict(config)
+    return json.loads(prov.read_text())["config"] == _as_json(dataclasses.asdict(config))
+
+
+def _as_json(value: Any) -> Any:
+    """The value as a JSON round trip gives it back (tuples become lists), for comparisons with stored JSON."""
+    return json.loads(json.dumps(value))
+
+
+def code_version() -> dict[str, Any]:
+    """The commit the code was loaded from and whether ``helpers/`` differed from it (read once, at start)."""
+    return {"git_sha": _git("rev-parse", "HEAD"), "helpers_modified": bool(_git("status", "--porcelain", "helpers"))}
 
 
 def write_chunk(task: dict[str, Any], result: IrisSweepResult, config: IrisSweepConfig, *, wall_s: float,
-                store: Path = STORE, command: str = "") -> Path:
+                store: Path = STORE, command: str = "", code: dict[str, Any] | None = None) -> Path:
     """Write one chunk's tables (gzip CSV, full float precision) and its provenance; returns the folder."""
     folder = store / chunk_name(task)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +85,7 @@ def write_chunk(task: dict[str, Any], result: IrisSweepResult, config: IrisSweep
         getattr(result, t).to_csv(tmp, index=False, float_format="%.17g", compression={"method": "gzip", "mtime": 0})
         os.replace(tmp, folder / f"{t}.csv.gz")
     prov = {"task": task, "config": dataclasses.asdict(config), "command": command or " ".join(sys.argv),
-            "git_sha": _git("rev-parse", "HEAD"), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(code or code_version()), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {"node": platform.node(), "system": platform.platform(), "cpus": os.cpu_count(),
                         "python": platform.python_version(), "torch": _torch_version()},
             "wall_s": round(wall_s, 1)}
@@ -120,17 +130,23 @@ def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSw
     config = config or paper_config()
     command = " ".join(["python -m helpers.sweep_store run", f"--workers {workers}"] + (["--commit"] if commit else []))
     started = {"t": time.perf_counter()}
+    code = code_version()  # the code this process runs, whatever is committed while it runs
 
     def done(task: dict[str, Any], result: IrisSweepResult) -> None:
         now = time.perf_counter()
-        folder = write_chunk(task, result, config, wall_s=now - started["t"], store=store, command=command)
+        folder = write_chunk(task, result, config, wall_s=now - started["t"], store=store, command=command,
+                             code=code)
         started["t"] = now
         print(f"stored {folder.relative_to(REPO_ROOT)}", flush=True)
         if commit:
             rel = str(folder.relative_to(REPO_ROOT))
-            _git("add", rel)
-            _git("commit", "-m", f"Paper-profile Iris sweeps: chunk {chunk_name(task)} (python -m helpers.sweep_store)",
-                 "--", rel)
+            for attempt in range(5):  # another git command may hold the index lock for a moment
+                _git("add", rel)
+                _git("commit", "-m", f"Paper-profile Iris sweeps: chunk {chunk_name(task)} "
+                     "(python -m helpers.sweep_store run)", "--", rel)
+                if not _git("status", "--porcelain", rel):
+                    break
+                time.sleep(2 + 3 * attempt)
 
     cluster = None
     if scheduler is None:

@@ -1167,7 +1167,8 @@ def _history_frame(members: pd.DataFrame, history: np.ndarray, n_points: int = 2
 
 
 def run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start: int = 0, rep_stop: int | None = None,
-                   *, progress: bool = False, cache: bool = True) -> IrisSweepResult:
+                   *, values: Sequence[int] | None = None, regimes: Sequence[str] | None = None,
+                   progress: bool = False, cache: bool = True) -> IrisSweepResult:
     """One piece of the Iris sweeps: one sweep, one regime family, repetitions ``rep_start .. rep_stop - 1``
     (e.g. the depth sweep's ``plain`` regimes, no L2 and L2 together, repetitions 0–4).
 
@@ -1178,18 +1179,22 @@ def run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start: 
     layers from θ̂ without each candidate (and once without removing anything: drift); for the regimes in
     ``last_layer_regimes`` also retrain only the last layer. Memoised on ``(config, sweep, family, reps)``.
     The stack (the shared network shape) is the config's, whatever the block, so a member's numbers do not
-    depend on how the repetitions are split into chunks.
+    depend on how the repetitions are split into chunks. ``values`` and ``regimes`` narrow the chunk further
+    (e.g. to recompute one stored member cheaply); by default every value and regime of the sweep runs.
     """
     rep_stop = config.reps if rep_stop is None else int(rep_stop)
     if not 0 <= rep_start < rep_stop <= config.reps:
         raise ValueError(f"repetitions [{rep_start}, {rep_stop}) must lie in [0, reps={config.reps})")
-    key = {"config": dataclasses.asdict(config), "sweep": sweep, "family": family, "reps": [rep_start, rep_stop]}
-    compute = lambda: _run_iris_chunk(config, sweep, family, rep_start, rep_stop, progress)  # noqa: E731
+    key = {"config": dataclasses.asdict(config), "sweep": sweep, "family": family, "reps": [rep_start, rep_stop],
+           "values": None if values is None else list(values), "regimes": None if regimes is None else list(regimes)}
+    compute = lambda: _run_iris_chunk(config, sweep, family, rep_start, rep_stop, progress, values,  # noqa: E731
+                                      regimes)
     return memoize("iris_chunk", key, compute) if cache else compute()
 
 
 def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start: int, rep_stop: int,
-                    progress: bool) -> IrisSweepResult:
+                    progress: bool, only_values: Sequence[int] | None = None,
+                    only_regimes: Sequence[str] | None = None) -> IrisSweepResult:
     if sweep not in ("depth", "width"):
         raise ValueError(f"sweep must be 'depth' or 'width', got {sweep!r}")
     regimes = [r for r in (config.depth_regimes if sweep == "depth" else config.width_regimes) if _family(r) == family]
@@ -1199,6 +1204,11 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
     bayes = family == "bnn"
     stack = (Stack(4, 3, max(values), config.depth_width, bayes, "selu") if sweep == "depth"
              else Stack(4, 3, 1, max(values), bayes, "selu"))
+    for name, subset, full in (("values", only_values, values), ("regimes", only_regimes, regimes)):
+        if subset is not None and (not subset or not set(subset) <= set(full)):
+            raise ValueError(f"{name} {list(subset)} must be a non-empty subset of this chunk's {full}")
+    values = values if only_values is None else [v for v in values if v in set(only_values)]
+    regimes = regimes if only_regimes is None else [r for r in regimes if r in set(only_regimes)]
     rows = [{"sweep": sweep, "regime": r, "value": v, "rep": rep,
              "depth": v if sweep == "depth" else 1, "width": config.depth_width if sweep == "depth" else v,
              "l2": REGIMES[r].l2, "seed": config.seed + rep}
