@@ -109,13 +109,21 @@ def load(store: Path = STORE, config: IrisSweepConfig | None = None) -> tuple[Ir
         if not is_stored(task, config, store):
             continue
         folder = store / chunk_name(task)
-        parts.append(IrisSweepResult(*(pd.read_csv(folder / f"{t}.csv.gz") for t in TABLES)))
+        parts.append(IrisSweepResult(*(_read(folder / f"{t}.csv.gz") for t in TABLES)))
         p = json.loads((folder / "provenance.json").read_text())
         prov.append({"chunk": chunk_name(task), **task, "date": p["date"], "git_sha": p["git_sha"][:10],
                      "wall_s": p["wall_s"], "machine": p["machine"]["node"], "cpus": p["machine"]["cpus"]})
     if not parts:
         return IrisSweepResult(*(pd.DataFrame() for _ in TABLES)), pd.DataFrame(prov)
     return IrisSweepResult.concat(parts), pd.DataFrame(prov)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    """A stored table; an empty one (e.g. no Lanczos check in a Bayesian chunk) has no columns at all."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def recompute(task: dict[str, Any], config: IrisSweepConfig | None = None) -> IrisSweepResult:
@@ -137,9 +145,9 @@ def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSw
         folder = write_chunk(task, result, config, wall_s=now - started["t"], store=store, command=command,
                              code=code)
         started["t"] = now
-        print(f"stored {folder.relative_to(REPO_ROOT)}", flush=True)
+        print(f"stored {folder}", flush=True)
         if commit:
-            rel = str(folder.relative_to(REPO_ROOT))
+            rel = str(folder.resolve().relative_to(REPO_ROOT))
             for attempt in range(5):  # another git command may hold the index lock for a moment
                 _git("add", rel)
                 _git("commit", "-m", f"Paper-profile Iris sweeps: chunk {chunk_name(task)} "
