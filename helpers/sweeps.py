@@ -66,7 +66,8 @@ __all__ = [
     "iris_loo_losses", "stack_objective", "stack_losses", "stack_features", "fit_stack", "retrain_stack",
     "retrain_last_layer", "retraining_curve", "last_layer_influence", "softmax_layer_terms",
     "batched_last_layer_influence", "paper_inverse_influence", "bnn_last_layer_influence", "hessian_spectrum",
-    "stack_hessian_spectra", "lanczos_check", "run_iris_chunk", "run_iris_sweeps", "summarize_runs",
+    "stack_hessian_spectra", "lanczos_check", "run_iris_chunk", "run_iris_sweeps", "floor_table",
+    "full_length_check", "member_retraining_curve", "summarize_runs",
     "compare_bars", "run_deep", "paired_bars",
 ]
 
@@ -1340,7 +1341,7 @@ def _fit_shared(stack: Stack, members: pd.DataFrame, swa: np.ndarray, x: Tensor,
     fit = fit_stack(stack, distinct, x, y, recipe, progress=progress)
     rows = torch.as_tensor(row.copy())
     last = fit.theta if fit.last is None else fit.last
-    sel = torch.as_tensor(swa)[:, None]
+    sel = torch.as_tensor(swa.copy())[:, None]
     theta = torch.where(sel, fit.theta[rows], last[rows])
     aux = tuple(a[rows] for a in fit.aux)
     loss, gn = fit.loss[row].copy(), fit.grad_norm[row].copy()
@@ -1442,6 +1443,98 @@ def run_iris_sweeps(config: IrisSweepConfig, *, block: int | None = None, schedu
     if not results:
         return IrisSweepResult(*(pd.DataFrame() for _ in dataclasses.fields(IrisSweepResult)))
     return IrisSweepResult.concat(results)
+
+
+# ============================================================================================ the schedule's floor
+
+
+def floor_table(result: IrisSweepResult) -> pd.DataFrame:
+    """The learning-rate floor, measured: one row per (sweep, regime, value) with the epochs at which training
+    reached the floor (median, min, max over repetitions), the same for the all-layer and last-layer
+    retrainings (median and max over every retraining of every repetition), how many never reached it, the
+    gradient norm at θ̂ (median; a run that never reached the floor counts in ``*_no_floor``, not in the epochs),
+    and the floor-termination bounds (largest over repetitions: per coordinate, and
+    in nats of test loss to first order, :func:`helpers.train.floor_bound`)."""
+    keys = ["sweep", "regime", "value"]
+    models = result.models.assign(floor_epoch=result.models["floor_epoch"].where(result.models["floor_epoch"] > 0),
+                                  never=(result.models["floor_epoch"] < 0).astype(int))
+    m = models.groupby(keys).agg(
+        train_floor_median=("floor_epoch", "median"), train_floor_min=("floor_epoch", "min"),
+        train_floor_max=("floor_epoch", "max"), train_no_floor=("never", "sum"),
+        grad_norm_median=("grad_norm", "median"), bound_param_max=("floor_bound_param", "max"),
+        bound_nats_max=("floor_bound_nats", "max"), n=("rep", "size"))
+    main = result.runs[result.runs["estimator"].isin(["paper", "bnn"])]
+    r = main.pivot_table(index=keys, columns="protocol", aggfunc={
+        "retrain_floor_median": "median", "retrain_floor_max": "max", "retrain_no_floor": "sum"})
+    r.columns = [f"{proto}_{name.removeprefix('retrain_')}" for name, proto in r.columns]
+    return m.join(r).reset_index()
+
+
+def full_length_check(config: IrisSweepConfig, sweep: str, values: Sequence[int], regimes: Sequence[str],
+                      rep_stop: int = 1, *, cache: bool = True) -> pd.DataFrame:
+    """Floor termination against the full protocol: the same members (``values`` × ``regimes`` × repetitions
+    ``0 .. rep_stop - 1`` of ``sweep``) run once stopped at the floor and once for every one of the config's
+    epochs (training and retraining). One row per (member, protocol, estimator) with both runs' numbers and
+    their differences: test loss of θ̂, the mean and the largest difference of the 25 truths, the drift and the
+    Spearman correlation; beside them the floor bound in nats (what the skipped training epochs could change
+    θ̂'s test loss by, to first order)."""
+    family = _family(regimes[0])
+    kw = dict(rep_start=0, rep_stop=rep_stop, values=values, regimes=regimes, cache=cache)
+    stop = run_iris_chunk(dataclasses.replace(config, stop_at_floor=True), sweep, family, **kw)
+    full = run_iris_chunk(dataclasses.replace(config, stop_at_floor=False), sweep, family, **kw)
+    member = ["sweep", "regime", "value", "rep"]
+    keys = member + ["protocol", "estimator"]
+    cols = ["spearman", "delta_mean", "drift"]
+    runs = stop.runs[keys + cols].merge(full.runs[keys + cols], on=keys, suffixes=("_stop", "_full"))
+    pts = stop.points.merge(full.points, on=member + ["protocol", "candidate"], suffixes=("_stop", "_full"))
+    pts["abs_diff"] = (pts["delta_stop"] - pts["delta_full"]).abs()
+    worst = pts.groupby(member + ["protocol"])["abs_diff"].max().rename("delta_max_abs_diff").reset_index()
+    mod = stop.models[member + ["test_loss", "floor_epoch", "floor_bound_nats", "grad_norm"]].merge(
+        full.models[member + ["test_loss", "grad_norm"]], on=member, suffixes=("_stop", "_full"))
+    out = runs.merge(worst, on=member + ["protocol"]).merge(mod, on=member)
+    for c in ("spearman", "delta_mean", "drift", "test_loss"):
+        out[f"{c}_diff"] = out[f"{c}_stop"] - out[f"{c}_full"]
+    return out
+
+
+def member_retraining_curve(config: IrisSweepConfig, depth: int, regime: str, rep: int,
+                            lengths: Sequence[int], *, cache: bool = True) -> pd.DataFrame:
+    """The paper's Fig. 5 for one member of the depth sweep: its θ̂ trained by the config's protocol, then
+    warm-started retraining without each of its candidates (and with nothing removed: drift) for each of
+    ``lengths`` epochs — each a fresh start, stopped at the floor if the config says so. Columns ``epochs``,
+    ``candidate``, ``delta``, ``drift``, ``est_paper``, ``est_objective`` (the two last-layer estimates)."""
+    key = {"config": dataclasses.asdict(config), "depth": depth, "regime": regime, "rep": rep,
+           "lengths": [int(v) for v in lengths]}
+    compute = lambda: _member_retraining_curve(config, depth, regime, rep, lengths)  # noqa: E731
+    return memoize("iris_member_curve", key, compute) if cache else compute()
+
+
+def _member_retraining_curve(config: IrisSweepConfig, depth: int, regime: str, rep: int,
+                             lengths: Sequence[int]) -> pd.DataFrame:
+    if REGIMES[regime].bayesian:
+        raise ValueError("the retraining curve is drawn for deterministic regimes")
+    d = iris_data(config.test_index)
+    stack = Stack(4, 3, depth, config.depth_width)
+    lam = REGIMES[regime].l2
+    members = pd.DataFrame([{"depth": depth, "width": config.depth_width, "l2": lam, "seed": config.seed + rep}])
+    recipe = config.recipe(config.epochs, REGIMES[regime].swa)
+    fit = fit_stack(stack, members, *d.train, recipe)
+    th = fit.theta.double()
+    dm, um, _ = (m.double() for m in fit.masks)
+    cand = torch.argsort(stack_losses(stack, th, *d.train, dm, um)[0], descending=True)[:config.n_candidates]
+    feats = stack_features(stack, th, d.x_train, dm, um)
+    feats_t = stack_features(stack, th, d.x_test, dm, um)
+    sp = stack.split(th)
+    est = {}
+    for name, kw in (("paper", dict(include_bias=False, include_l2=False)), ("objective", {})):
+        v, _ = batched_last_layer_influence(feats, d.y_train, feats_t, d.y_test, sp["out.weight"], sp["out.bias"],
+                                            [lam], **kw)
+        est[name] = v[0, 0].numpy()[cand.numpy()]
+    curve = retraining_curve(fit, 0, *d.train, d.test, cand.tolist(),
+                             config.recipe(config.retrain_epochs, REGIMES[regime].swa), lengths, loo=config.loo)
+    curve["est_paper"] = np.tile(est["paper"], len(lengths))
+    curve["est_objective"] = np.tile(est["objective"], len(lengths))
+    return curve
 
 
 # ============================================================================================ summaries

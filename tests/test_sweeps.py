@@ -406,3 +406,21 @@ def test_swa_twins_share_their_trajectory_and_equal_a_separate_run() -> None:
     plain = both.runs[both.runs.regime == "l2"].reset_index(drop=True)
     assert (both.models["floor_epoch"] < 0.75 * 1500).all()  # the floor came before the average began
     np.testing.assert_allclose(plain["delta_mean"], a["delta_mean"], rtol=1e-12)
+
+
+def test_floor_table_and_full_length_check() -> None:
+    """The floor, measured per setting, and floor termination against the full run: the truths barely move."""
+    cfg = sweeps.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
+                                    "patience": 5, "depth_regimes": ("nol2", "l2"), "width_regimes": ()})
+    table = sweeps.floor_table(sweeps.run_iris_sweeps(cfg, cache=False))
+    l2 = table[table.regime == "l2"]
+    assert len(table) == 4 and (l2["train_floor_median"] > 0).all() and (l2["train_no_floor"] == 0).all()
+    assert (table["train_floor_median"].isna() == (table["train_no_floor"] == table["n"])).all()
+    assert {"all_layers_floor_median", "last_layer_floor_max", "bound_nats_max"} <= set(table.columns)
+    check = sweeps.full_length_check(cfg, "depth", [1], ["l2"], cache=False)
+    assert set(check["protocol"]) == {"all_layers", "last_layer"} and (check["floor_epoch"] < 1500).all()
+    # the floor-stopped θ̂ is within its first-order bound of the full run's, and the truths agree closely
+    assert (check["test_loss_diff"].abs() <= check["floor_bound_nats"]).all()
+    assert (check["delta_max_abs_diff"] < 1e-3).all() and (check["spearman_diff"].abs() < 0.5).all()
+    curve = sweeps.member_retraining_curve(cfg, 1, "l2", 0, [5, 50], cache=False)
+    assert len(curve) == 2 * 4 and set(curve["epochs"]) == {5, 50} and np.isfinite(curve["est_paper"]).all()
