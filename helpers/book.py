@@ -71,6 +71,17 @@ def record(name: str, value: Any, *, fmt: str | None = None, display: bool = Fal
     return value
 
 
+NOT_RUN = "not run in this profile"
+
+
+def record_median(name: str, values: Any, *, fmt: str | None = None) -> Any:
+    """Record the median of the finite ``values``, or — when there are none (e.g. a regime this profile does not
+    run) — the text :data:`NOT_RUN`, so the prose says so instead of quoting a NaN. Returns what was recorded."""
+    v = np.asarray(values, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    return record(name, float(np.median(v)), fmt=fmt) if v.size else record(name, NOT_RUN)
+
+
 def figure_data(name: str, frame: pd.DataFrame | dict[str, Any]) -> pd.DataFrame:
     """Write the data behind figure ``name`` to ``data/<chapter>/<name>.csv`` and return it as a DataFrame.
 

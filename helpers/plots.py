@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 
@@ -38,4 +39,25 @@ def predicted_vs_actual(ax: Axes, actual: np.ndarray, predicted: np.ndarray, *, 
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal",
            xlabel="actual change in test loss (retrained without the point)",
            ylabel="predicted change in test loss (influence)")
+    return ax
+
+
+def strip_by_group(ax: Axes, frame: pd.DataFrame, column: str, by: list[str], *, seed: int = 0) -> Axes:
+    """One column of jittered dots per group of ``by`` (e.g. sweep × regime), with the group's median as a bar.
+
+    Values that are NaN (e.g. a run that never reached its learning-rate floor) are left out; the tick label
+    counts them (``n/a: k``) so that nothing disappears silently. Returns ``ax``.
+    """
+    rng = np.random.default_rng(seed)
+    groups = list(frame.groupby(by, sort=True))
+    labels = []
+    for i, (key, g) in enumerate(groups):
+        v = g[column].to_numpy(float)
+        ok = v[np.isfinite(v)]
+        ax.scatter(i + rng.uniform(-0.25, 0.25, ok.size), ok, s=6, color="C0", alpha=0.6, lw=0)
+        if ok.size:
+            ax.hlines(np.median(ok), i - 0.3, i + 0.3, color="k", lw=1.2)
+        name = " ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+        labels.append(name + (f"\nn/a: {v.size - ok.size}" if ok.size < v.size else ""))
+    ax.set_xticks(range(len(groups)), labels, rotation=90, fontsize="x-small")
     return ax

@@ -119,6 +119,21 @@ def one_way(groups: Sequence[Any]) -> OneWay:
                   epsilon_sq=float(h.statistic / (n - 1)))
 
 
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of m p-values (family-wise error rate): the i-th smallest becomes
+    max over j ≤ i of min(1, (m − j + 1)·p_(j)). NaN entries stay NaN and do not count in m."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    if not m:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adjusted = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(adjusted)
+    return out
+
+
 def one_way_table(frame: pd.DataFrame, value: str, group: str, by: Sequence[str]) -> pd.DataFrame:
     """:func:`one_way` of ``frame[value]`` across the levels of ``group``, for every combination of ``by``.
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -126,9 +126,46 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+# the fields that define what is done to each member; a profile may differ from the paper's only in the others
+PROTOCOL_FIELDS = ("epochs", "retrain_epochs", "n_candidates", "test_index", "swa_start", "loo", "dtype", "seed", "lr",
+                   "patience", "bnn_damping", "depth_width", "stop_at_floor")
+
+
+def borrow(config: IrisSweepConfig, regimes: Sequence[str], store: Path = STORE) -> IrisSweepResult:
+    """The stored paper-profile runs of ``regimes`` restricted to ``config``'s settings — its depths and widths,
+    repetitions ``0 .. reps - 1`` — for a profile that cannot afford to compute them (e.g. the Bayesian network,
+    which never reaches its learning-rate floor). Same seeds, same protocol, same code as the stored chunk's
+    provenance: the runs ``config`` would have computed. Raises when ``config``'s protocol differs from the paper
+    profile's; returns empty tables when nothing is stored yet."""
+    paper = paper_config()
+    differs = [f for f in PROTOCOL_FIELDS if getattr(config, f) != getattr(paper, f)]
+    if differs:
+        raise ValueError(f"the stored runs follow the paper profile's protocol; this config differs in {differs}")
+    stored, _ = load(store)
+    if not len(stored.runs):
+        return stored
+    values = {"depth": set(config.depths), "width": set(config.widths)}
+
+    def keep(frame: pd.DataFrame) -> pd.DataFrame:
+        if not len(frame):
+            return frame
+        ok = frame["regime"].isin(list(regimes)) & frame.apply(lambda r: r["value"] in values[r["sweep"]], axis=1)
+        if "rep" in frame.columns:
+            ok &= frame["rep"] < config.reps
+        return frame[ok].reset_index(drop=True)
+
+    return IrisSweepResult(*(keep(getattr(stored, t)) for t in TABLES))
+
+
 def recompute(task: dict[str, Any], config: IrisSweepConfig | None = None) -> IrisSweepResult:
     """Recompute one stored chunk (or a narrower block of its repetitions) from its seeds, uncached."""
     return run_iris_chunk(config or paper_config(), **task, cache=False)
+
+
+def by_block(task: dict[str, Any]) -> tuple:
+    """Run order: the first block of repetitions of every sweep and family before the second of any, so that an
+    interrupted run leaves every regime with some repetitions (and the default profile's borrowed regimes first)."""
+    return (task["rep_start"], task["family"] != "bnn", task["sweep"] != "depth")
 
 
 def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSweepConfig | None = None,
@@ -165,7 +202,7 @@ def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSw
     try:
         # wall time per chunk is measured between completions: with w workers it is w chunks' worth of one core
         run_iris_sweeps(config, block=BLOCK, scheduler=scheduler, progress=True, cache=False, on_result=done,
-                        skip=lambda t: is_stored(t, config, store))
+                        skip=lambda t: is_stored(t, config, store), order=by_block)
     finally:
         if cluster is not None:
             cluster.close()

@@ -67,7 +67,7 @@ __all__ = [
     "retrain_last_layer", "retraining_curve", "last_layer_influence", "softmax_layer_terms",
     "batched_last_layer_influence", "paper_inverse_influence", "bnn_last_layer_influence", "hessian_spectrum",
     "stack_hessian_spectra", "lanczos_check", "run_iris_chunk", "run_iris_sweeps", "floor_table",
-    "full_length_check", "member_retraining_curve", "summarize_runs",
+    "full_length_check", "full_length_tasks", "compare_full_length", "member_retraining_curve", "summarize_runs",
     "compare_bars", "run_deep", "paired_bars",
 ]
 
@@ -1140,6 +1140,7 @@ class IrisSweepResult:
         points: one row per (model, candidate): the estimates and the truths (the scatter plots).
         history: the training loss curves, mean and quantiles over repetitions per setting, at ~200 epochs.
         lanczos: dense vs Lanczos top/bottom eigenvalue for a sample of models (a check of the spectrum).
+        full_check: :func:`full_length_check`'s table when :func:`run_iris_sweeps` was asked for it.
     """
 
     runs: pd.DataFrame
@@ -1147,6 +1148,7 @@ class IrisSweepResult:
     points: pd.DataFrame
     history: pd.DataFrame
     lanczos: pd.DataFrame = field(default_factory=pd.DataFrame)
+    full_check: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @staticmethod
     def concat(parts: Sequence["IrisSweepResult"]) -> "IrisSweepResult":
@@ -1422,7 +1424,9 @@ def _test_grad_l1(stack: Stack, theta: Tensor, x_test: Tensor, y_test: Tensor, d
 def run_iris_sweeps(config: IrisSweepConfig, *, block: int | None = None, scheduler: str | None = None,
                     n_jobs: int = 1, progress: bool = False, cache: bool = True,
                     on_result: Callable[[dict[str, Any], IrisSweepResult], None] | None = None,
-                    skip: Callable[[dict[str, Any]], bool] | None = None) -> IrisSweepResult:
+                    skip: Callable[[dict[str, Any]], bool] | None = None,
+                    full_check: dict[str, Any] | None = None,
+                    order: Callable[[dict[str, Any]], Any] | None = None) -> IrisSweepResult:
     """Every chunk of the Iris sweeps (:meth:`IrisSweepConfig.chunks`), dispatched by
     :func:`helpers.dispatch.run_many`: serially by default, to ``n_jobs`` local processes, or to the Dask cluster
     at ``scheduler`` (or ``$BOOK_DASK_SCHEDULER``). Each chunk is memoised on its own, and the result is the same
@@ -1432,17 +1436,27 @@ def run_iris_sweeps(config: IrisSweepConfig, *, block: int | None = None, schedu
         block: repetitions per chunk (default: all of them, one chunk per sweep × family).
         on_result: called in this process as each chunk finishes, with its task and result (e.g. to store it).
         skip: chunks for which it returns True are not run (e.g. already stored) and are not in the result.
+        full_check: keyword arguments of :func:`full_length_check` (``sweep``, ``values``, ``regimes``,
+            ``rep_stop``): its two runs are dispatched with the chunks and its table is ``result.full_check``.
+        order: a sort key for the chunks (default: :meth:`IrisSweepConfig.chunks`' order).
     """
     from helpers.dispatch import run_many
 
     tasks = [t for t in config.chunks(block) if skip is None or not skip(t)]
-    results = run_many(run_iris_chunk, [dict(t, config=config, cache=cache) for t in tasks], scheduler=scheduler,
-                       n_jobs=n_jobs, progress=progress, desc="iris chunks",
-                       on_result=None if on_result is None else
-                       (lambda i, r: on_result(tasks[i], r)))
-    if not results:
-        return IrisSweepResult(*(pd.DataFrame() for _ in dataclasses.fields(IrisSweepResult)))
-    return IrisSweepResult.concat(results)
+    if order is not None:
+        tasks = sorted(tasks, key=order)
+    # the full-length check's two runs go to the same workers as the chunks (it is the longest single piece)
+    extra = [] if full_check is None else full_length_tasks(config, **full_check)
+    calls = [dict(t, config=config, cache=cache) for t in tasks] + [dict(t, cache=cache) for t in extra]
+    results = run_many(run_iris_chunk, calls, scheduler=scheduler, n_jobs=n_jobs, progress=progress,
+                       desc="iris chunks", on_result=None if on_result is None else
+                       (lambda i, r: on_result(tasks[i], r) if i < len(tasks) else None))
+    chunks = results[:len(tasks)]
+    out = (IrisSweepResult.concat(chunks) if chunks
+           else IrisSweepResult(*(pd.DataFrame() for _ in dataclasses.fields(IrisSweepResult))))
+    if extra:
+        out.full_check = compare_full_length(*results[len(tasks):])
+    return out
 
 
 # ============================================================================================ the schedule's floor
@@ -1470,18 +1484,19 @@ def floor_table(result: IrisSweepResult) -> pd.DataFrame:
     return m.join(r).reset_index()
 
 
-def full_length_check(config: IrisSweepConfig, sweep: str, values: Sequence[int], regimes: Sequence[str],
-                      rep_stop: int = 1, *, cache: bool = True) -> pd.DataFrame:
-    """Floor termination against the full protocol: the same members (``values`` × ``regimes`` × repetitions
-    ``0 .. rep_stop - 1`` of ``sweep``) run once stopped at the floor and once for every one of the config's
-    epochs (training and retraining). One row per (member, protocol, estimator) with both runs' numbers and
-    their differences: test loss of θ̂, the mean and the largest difference of the 25 truths, the drift and the
-    Spearman correlation; beside them the floor bound in nats (what the skipped training epochs could change
-    θ̂'s test loss by, to first order)."""
-    family = _family(regimes[0])
-    kw = dict(rep_start=0, rep_stop=rep_stop, values=values, regimes=regimes, cache=cache)
-    stop = run_iris_chunk(dataclasses.replace(config, stop_at_floor=True), sweep, family, **kw)
-    full = run_iris_chunk(dataclasses.replace(config, stop_at_floor=False), sweep, family, **kw)
+def full_length_tasks(config: IrisSweepConfig, sweep: str, values: Sequence[int], regimes: Sequence[str],
+                      rep_stop: int = 1) -> list[dict[str, Any]]:
+    """The two :func:`run_iris_chunk` calls of :func:`full_length_check` (stopped at the floor, every epoch run),
+    as keyword dicts including their config, so they can be dispatched beside the sweeps' own chunks."""
+    kw = dict(sweep=sweep, family=_family(regimes[0]), rep_start=0, rep_stop=rep_stop, values=list(values),
+              regimes=list(regimes))
+    return [dict(kw, config=dataclasses.replace(config, stop_at_floor=stop)) for stop in (True, False)]
+
+
+def compare_full_length(stop: IrisSweepResult, full: IrisSweepResult) -> pd.DataFrame:
+    """One row per (member, protocol, estimator): the floor-stopped and the full-length run's numbers and their
+    differences — test loss of θ̂, mean and largest difference of the truths, drift, Spearman — beside the floor
+    bound in nats (what the skipped training epochs could change θ̂'s test loss by, to first order)."""
     member = ["sweep", "regime", "value", "rep"]
     keys = member + ["protocol", "estimator"]
     cols = ["spearman", "delta_mean", "drift"]
@@ -1495,6 +1510,15 @@ def full_length_check(config: IrisSweepConfig, sweep: str, values: Sequence[int]
     for c in ("spearman", "delta_mean", "drift", "test_loss"):
         out[f"{c}_diff"] = out[f"{c}_stop"] - out[f"{c}_full"]
     return out
+
+
+def full_length_check(config: IrisSweepConfig, sweep: str, values: Sequence[int], regimes: Sequence[str],
+                      rep_stop: int = 1, *, cache: bool = True) -> pd.DataFrame:
+    """Floor termination against the full protocol: the same members (``values`` × ``regimes`` × repetitions
+    ``0 .. rep_stop - 1`` of ``sweep``) run once stopped at the floor and once for every one of the config's
+    epochs (training and retraining), compared by :func:`compare_full_length`."""
+    stop, full = (run_iris_chunk(**t, cache=cache) for t in full_length_tasks(config, sweep, values, regimes, rep_stop))
+    return compare_full_length(stop, full)
 
 
 def member_retraining_curve(config: IrisSweepConfig, depth: int, regime: str, rep: int,

@@ -152,3 +152,12 @@ def test_errors_above_the_rank_resolution_cost_spearman():
     noisy = true * (1 + 0.05 * rng.standard_normal(50))
     assert M.pointwise_error(noisy, true) > M.rank_resolution(true)
     assert M.spearman(noisy, true) < 0.99 < M.pearson(np.r_[noisy, 10.0], np.r_[true, 10.0])
+
+
+def test_holm_adjustment_by_hand() -> None:
+    from helpers.stats import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.06, 0.06 (monotone), 0.5; NaN is left out of m
+    got = holm([0.03, 0.01, np.nan, 0.5, 0.02])
+    np.testing.assert_allclose(got, [0.06, 0.04, np.nan, 0.5, 0.06])
+    assert holm([0.9, 0.8]).tolist() == [1.0, 1.0]
