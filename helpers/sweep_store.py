@@ -164,8 +164,10 @@ def recompute(task: dict[str, Any], config: IrisSweepConfig | None = None) -> Ir
 
 def by_block(task: dict[str, Any]) -> tuple:
     """Run order: the first block of repetitions of every sweep and family before the second of any, so that an
-    interrupted run leaves every regime with some repetitions (and the default profile's borrowed regimes first)."""
-    return (task["rep_start"], task["family"] != "bnn", task["sweep"] != "depth")
+    interrupted run leaves every regime with some repetitions; within a block the cheaper chunks first (width
+    before depth, the deterministic family — minutes to hours — before the Bayesian one, which never reaches its
+    learning-rate floor and runs all 60,000 epochs)."""
+    return (task["rep_start"], task["family"] == "bnn", task["sweep"] == "depth")
 
 
 def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSweepConfig | None = None,
