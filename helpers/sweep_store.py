@@ -44,8 +44,9 @@ def paper_config() -> IrisSweepConfig:
 
 
 def chunk_name(task: dict[str, Any]) -> str:
-    """Folder name of a chunk, e.g. ``depth-plain-r00-05``."""
-    return f"{task['sweep']}-{task['family']}-r{task['rep_start']:02d}-{task['rep_stop']:02d}"
+    """Folder name of a chunk, e.g. ``depth-plain-d8-r00-05`` (depth 8) or ``width-bnn-w20-r05-10``."""
+    value = "-".join(f"{task['sweep'][0]}{v}" for v in task["values"])
+    return f"{task['sweep']}-{task['family']}-{value}-r{task['rep_start']:02d}-{task['rep_stop']:02d}"
 
 
 def _git(*args: str) -> str:
@@ -158,16 +159,16 @@ def borrow(config: IrisSweepConfig, regimes: Sequence[str], store: Path = STORE)
 
 
 def recompute(task: dict[str, Any], config: IrisSweepConfig | None = None) -> IrisSweepResult:
-    """Recompute one stored chunk (or a narrower block of its repetitions) from its seeds, uncached."""
+    """Recompute one stored chunk from its seeds, uncached (the same members in the same ensemble: exact)."""
     return run_iris_chunk(config or paper_config(), **task, cache=False)
 
 
 def by_block(task: dict[str, Any]) -> tuple:
-    """Run order: the first block of repetitions of every sweep and family before the second of any, so that an
-    interrupted run leaves every regime with some repetitions; within a block the cheaper chunks first (width
-    before depth, the deterministic family — minutes to hours — before the Bayesian one, which never reaches its
+    """Run order: the first block of repetitions of every setting before the second of any, so that an
+    interrupted run leaves every setting with some repetitions; within a block the cheaper chunks first (width
+    before depth, smaller before larger, the deterministic family before the Bayesian one, which never reaches its
     learning-rate floor and runs all 60,000 epochs)."""
-    return (task["rep_start"], task["family"] == "bnn", task["sweep"] == "depth")
+    return (task["rep_start"], task["family"] == "bnn", task["sweep"] == "depth", task["values"])
 
 
 def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSweepConfig | None = None,

@@ -1053,10 +1053,10 @@ class IrisSweepConfig:
         test_index: the held-out Iris point (the paper's: 83, the highest leave-one-out loss).
         swa_start: fraction of training after which SWA averages (0.75: the last 25 %).
         loo: leave-one-out objective of the retraining (``"reaverage"``: the paper deletes the point).
-        dtype: training dtype. The paper trained in float32; the book trains in float64 (14 % slower here), because
-            float32 rounding depends on which members share an ensemble and grows over 60,000 epochs into
-            different floor epochs and truths, so a stored member could not be recomputed on its own. Influence
-            and curvature are float64; the paper's float32 inverse (``paper_inv32``) is computed in float32.
+        dtype: training dtype (the paper's: float32; influence and curvature are float64). A member's float32
+            trajectory does not depend on the other members of its ensemble (no batch of one is ever computed:
+            :func:`helpers.train._batched_call`), so a stored member can be recomputed on its own. float64 is
+            not the protocol: the plateau schedule fires later for the networks without weight decay.
         seed: first initialisation seed (repetition r uses ``seed + r``).
         bnn_damping: damping of the Bayesian network's influence (the paper: 1e-3).
         max_members: largest retraining ensemble (memory).
@@ -1077,7 +1077,7 @@ class IrisSweepConfig:
     test_index: int = 83
     swa_start: float = 0.75
     loo: str = "reaverage"
-    dtype: str = "float64"
+    dtype: str = "float32"
     seed: int = 0
     lr: float = 1e-3
     patience: int = 100
@@ -1104,16 +1104,21 @@ class IrisSweepConfig:
                       swa_start=self.swa_start if swa else None, dtype=self.dtype, stop_at_floor=self.stop_at_floor)
 
     def chunks(self, block: int | None = None) -> list[dict[str, Any]]:
-        """The independent pieces of the sweeps: one per (sweep, family, block of ``block`` repetitions).
+        """The independent pieces of the sweeps: one per (sweep, family, depth or width, block of ``block``
+        repetitions).
 
         Each is a dict of keyword arguments of :func:`run_iris_chunk` (without the config) and carries its own
-        seeds (repetition r uses ``seed + r``), so a chunk computes the same numbers wherever it runs.
+        seeds (repetition r uses ``seed + r``), so a chunk computes the same numbers wherever it runs. A chunk is
+        also the unit of exact recomputation: float32 rounding depends on the batch a member is computed in
+        (torch's batched kernels block differently for different batch sizes), so a member's numbers are
+        reproduced exactly by recomputing its chunk, not by computing it alone.
         """
         block = self.reps if block is None else int(block)
         if block < 1:
             raise ValueError(f"block must be >= 1 repetitions, got {block}")
-        return [{"sweep": s, "family": f, "rep_start": r, "rep_stop": min(self.reps, r + block)}
-                for s, f in self.groups() for r in range(0, self.reps, block)]
+        return [{"sweep": s, "family": f, "values": [v], "rep_start": r, "rep_stop": min(self.reps, r + block)}
+                for s, f in self.groups() for v in (self.depths if s == "depth" else self.widths)
+                for r in range(0, self.reps, block)]
 
     def groups(self) -> list[tuple[str, str]]:
         """``(sweep, family)`` groups that train as one ensemble: family ``plain`` (with and without weight decay,
@@ -1184,9 +1189,9 @@ def run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start: 
     term; Bayesian: mean weights, likelihood part, damping); the Hessian spectrum over all parameters; retrain all
     layers from θ̂ without each candidate (and once without removing anything: drift); for the regimes in
     ``last_layer_regimes`` also retrain only the last layer. Memoised on ``(config, sweep, family, reps)``.
-    The stack (the shared network shape) is the config's, whatever the block, so a member's numbers do not
-    depend on how the repetitions are split into chunks. ``values`` and ``regimes`` narrow the chunk further
-    (e.g. to recompute one stored member cheaply); by default every value and regime of the sweep runs.
+    ``values`` and ``regimes`` narrow the chunk (by default every value and regime of the sweep runs); the
+    stack (the shared network shape) is sized to the chunk's values. In float32 a member's numbers depend on
+    the batch it is computed in, so they are reproduced exactly only by the same chunk.
     """
     rep_stop = config.reps if rep_stop is None else int(rep_stop)
     if not 0 <= rep_start < rep_stop <= config.reps:
@@ -1207,14 +1212,15 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
     if not regimes:
         raise ValueError(f"no {family} regimes in the {sweep} sweep of this config")
     values = list(config.depths if sweep == "depth" else config.widths)
+    largest = max(values)  # the sweep's largest setting (where the Lanczos check runs)
     bayes = family == "bnn"
-    stack = (Stack(4, 3, max(values), config.depth_width, bayes, "selu") if sweep == "depth"
-             else Stack(4, 3, 1, max(values), bayes, "selu"))
     for name, subset, full in (("values", only_values, values), ("regimes", only_regimes, regimes)):
         if subset is not None and (not subset or not set(subset) <= set(full)):
             raise ValueError(f"{name} {list(subset)} must be a non-empty subset of this chunk's {full}")
     values = values if only_values is None else [v for v in values if v in set(only_values)]
     regimes = regimes if only_regimes is None else [r for r in regimes if r in set(only_regimes)]
+    stack = (Stack(4, 3, max(values), config.depth_width, bayes, "selu") if sweep == "depth"
+             else Stack(4, 3, 1, max(values), bayes, "selu"))
     rows = [{"sweep": sweep, "regime": r, "value": v, "rep": rep,
              "depth": v if sweep == "depth" else 1, "width": config.depth_width if sweep == "depth" else v,
              "l2": REGIMES[r].l2, "seed": config.seed + rep}
@@ -1270,7 +1276,7 @@ def _run_iris_chunk(config: IrisSweepConfig, sweep: str, family: str, rep_start:
             est.setdefault("paper_inv32", np.zeros((k, n)))[g.index.to_numpy()] = vals[:, 0].numpy()
             info.loc[g.index, "inv32_lu_status"] = lu.numpy()
     info = pd.concat([info, stack_hessian_spectra(stack, theta, x, y, members)], axis=1)
-    first = members[(members["rep"] == 0) & (members["value"] == max(values))].index[:1]
+    first = members[(members["rep"] == 0) & (members["value"] == largest)].index[:1]
     lanczos_rows = []
     if not bayes:
         for j in first:

@@ -711,6 +711,21 @@ def floor_bound(recipe: Recipe, epochs_run: np.ndarray | int, lr_floor: np.ndarr
     return adam_step_bound(recipe.betas) * np.asarray(lr_floor, dtype=np.float64) * remaining
 
 
+def _batched_call(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: Any) -> tuple[dict[str, Tensor], Tensor]:
+    """``fn(params, aux, *rest)`` of a vmapped member function, never on a batch of one member.
+
+    torch takes another kernel path for a batch of one (e.g. ``mm`` for ``bmm``), whose float32 rounding differs,
+    and over thousands of epochs that difference grows into a different trajectory. For batches of two or more
+    the kernels give each member bit-identical results whatever the other members are (checked in the tests),
+    so a lone member is paired with a copy of itself: then a member's numbers do not depend on which ensemble,
+    chunk or compaction step it was computed in.
+    """
+    if _k_of(params) != 1:
+        return fn(params, aux, *rest)
+    g, val = fn({k: torch.cat([v, v]) for k, v in params.items()}, tuple(torch.cat([a, a]) for a in aux), *rest)
+    return {k: v[:1] for k, v in g.items()}, val[:1]
+
+
 def _k_of(start: dict[str, Tensor]) -> int:
     return int(next(iter(start.values())).shape[0])
 
@@ -774,7 +789,7 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
         epoch_loss = torch.zeros(len(alive), dtype=torch.float64, device=dev)
         for idx, scale in _batches(n, recipe, gen, dev):
             xb, yb = (x, y) if idx is None else (x[idx], y[idx])
-            g, val = vg(params, aux, xb, yb, idx, scale)
+            g, val = _batched_call(vg, params, aux, xb, yb, idx, scale)
             _check_finite(val, g, f"epoch {epoch}", recipe)
             step += 1
             with torch.no_grad():
@@ -870,8 +885,8 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
                    for name, p in params.items()}
         aux = original_aux
     final = swa if swa is not None else params
-    g, val = vmap(grad_and_value(member_objective), in_dims=(0, 0, None, None, None, None))(
-        final, aux, x, y, None, 1.0)
+    g, val = _batched_call(vmap(grad_and_value(member_objective), in_dims=(0, 0, None, None, None, None)),
+                           final, aux, x, y, None, 1.0)
     _check_finite(val, g, "the end of training", recipe)
     gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
     return EnsembleResult(final, val.detach().double().cpu().numpy(), gn.double().cpu().numpy(),

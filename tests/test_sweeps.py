@@ -363,7 +363,7 @@ def test_iris_sweeps_on_a_two_worker_local_cluster_equal_the_serial_run(monkeypa
     distributed = pytest.importorskip("dask.distributed", reason="install the dev extra (dask[distributed])")
     monkeypatch.delenv(dispatch.SCHEDULER_ENV, raising=False)
     cfg = sweeps.IrisSweepConfig(**TINY)
-    assert len(cfg.chunks(1)) == 2 * 2  # (depth plain with its SWA twins, width plain) × 2 blocks of one repetition
+    assert len(cfg.chunks(1)) == 3 * 2  # (depth plain 1, 2 with their SWA twins, width plain 8) × 2 blocks of one rep
     seen: list[dict] = []
     serial = sweeps.run_iris_sweeps(cfg, block=1, cache=False, on_result=lambda t, r: seen.append(t))
     assert sorted(map(str, seen)) == sorted(map(str, cfg.chunks(1)))
