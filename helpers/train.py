@@ -714,11 +714,11 @@ def floor_bound(recipe: Recipe, epochs_run: np.ndarray | int, lr_floor: np.ndarr
 def _batched_call(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: Any) -> tuple[dict[str, Tensor], Tensor]:
     """``fn(params, aux, *rest)`` of a vmapped member function, never on a batch of one member.
 
-    torch takes another kernel path for a batch of one (e.g. ``mm`` for ``bmm``), whose float32 rounding differs,
-    and over thousands of epochs that difference grows into a different trajectory. For batches of two or more
-    the kernels give each member bit-identical results whatever the other members are (checked in the tests),
-    so a lone member is paired with a copy of itself: then a member's numbers do not depend on which ensemble,
-    chunk or compaction step it was computed in.
+    torch takes another kernel path for a batch of one (e.g. ``mm`` for ``bmm``); a lone member (an ensemble of
+    one, or the last member left after the others stopped at their floor) is paired with a copy of itself so
+    that every step runs on the batched path. Batched kernels still block differently for different batch
+    sizes, so in float32 a member's trajectory depends on its ensemble: the ensemble, not the member, is the
+    unit of exact recomputation (:meth:`helpers.sweeps.IrisSweepConfig.chunks`).
     """
     if _k_of(params) != 1:
         return fn(params, aux, *rest)
