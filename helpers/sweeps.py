@@ -1455,17 +1455,19 @@ def run_iris_sweeps(config: IrisSweepConfig, *, block: int | None = None, schedu
     tasks = [t for t in config.chunks(block) if skip is None or not skip(t)]
     if order is not None:
         tasks = sorted(tasks, key=order)
-    # the full-length check's two runs go to the same workers as the chunks (it is the longest single piece)
+    # the full-length check's two runs go to the same workers as the chunks, first: the run to every epoch is
+    # the longest single piece, and starting it last would leave the other workers idle at the end
     extra = [] if full_check is None else full_length_tasks(config, **full_check)
-    calls = [dict(t, config=config, cache=cache) for t in tasks] + [dict(t, cache=cache) for t in extra]
+    calls = [dict(t, cache=cache) for t in extra] + [dict(t, config=config, cache=cache) for t in tasks]
+    n_extra = len(extra)
     results = run_many(run_iris_chunk, calls, scheduler=scheduler, n_jobs=n_jobs, progress=progress,
                        desc="iris chunks", on_result=None if on_result is None else
-                       (lambda i, r: on_result(tasks[i], r) if i < len(tasks) else None))
-    chunks = results[:len(tasks)]
+                       (lambda i, r: on_result(tasks[i - n_extra], r) if i >= n_extra else None))
+    chunks = results[n_extra:]
     out = (IrisSweepResult.concat(chunks) if chunks
            else IrisSweepResult(*(pd.DataFrame() for _ in dataclasses.fields(IrisSweepResult))))
     if extra:
-        out.full_check = compare_full_length(*results[len(tasks):])
+        out.full_check = compare_full_length(*results[:n_extra])
     return out
 
 

@@ -412,12 +412,14 @@ def test_floor_table_and_full_length_check() -> None:
     """The floor, measured per setting, and floor termination against the full run: the truths barely move."""
     cfg = sweeps.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
                                     "patience": 5, "depth_regimes": ("nol2", "l2"), "width_regimes": ()})
-    table = sweeps.floor_table(sweeps.run_iris_sweeps(cfg, cache=False))
+    result = sweeps.run_iris_sweeps(cfg, cache=False, full_check={"sweep": "depth", "values": [1], "regimes": ["l2"]})
+    table = sweeps.floor_table(result)
     l2 = table[table.regime == "l2"]
     assert len(table) == 4 and (l2["train_floor_median"] > 0).all() and (l2["train_no_floor"] == 0).all()
     assert (table["train_floor_median"].isna() == (table["train_no_floor"] == table["n"])).all()
     assert {"all_layers_floor_median", "last_layer_floor_max", "bound_nats_max"} <= set(table.columns)
     check = sweeps.full_length_check(cfg, "depth", [1], ["l2"], cache=False)
+    pd.testing.assert_frame_equal(check, result.full_check)  # dispatched with the chunks or on its own: the same
     assert set(check["protocol"]) == {"all_layers", "last_layer"} and (check["floor_epoch"] < 1500).all()
     # the floor-stopped θ̂ is within its first-order bound of the full run's, and the truths agree closely
     assert (check["test_loss_diff"].abs() <= check["floor_bound_nats"]).all()
