@@ -73,6 +73,13 @@ def check_nonconvex(r: dict[str, Any]) -> None:
     assert r["null_dims_width5"] == 5  # the paper's last-layer Hessian has a width-dimensional null space
     assert 0 <= r["n_separate_abs"] <= r["n_compared"]
     assert r["lanczos_max_rel_diff"] < 1e-6
+    # every profile runs the paper's lengths, each run stopped at its lr floor (issue 12)
+    assert (r["epochs"], r["retrain_epochs"]) == (60000, 7500)
+    assert 0 < r["floor_train_l2"] <= r["floor_train_max"] <= 60000 and 0 < r["floor_retrain_max"] <= 7500
+    assert r["bound_param_max"] > 0 and r["bound_nats_max"] > 0
+    # the paper's depth claim per case, Holm-corrected, on its published runs (fixed data, so fixed counts)
+    assert (r["paper_signed_cases"], r["paper_signed_sig"]) == (11, 9)
+    assert 0 <= r["within_depth_excl0"] <= r["within_depth_n"] == 8
     assert r["_meta"]["profile"] == "smoke"
 
 
