@@ -207,8 +207,8 @@ class EnsembleResult:
         history: ``[k, epochs]`` (Adam / SGD) or ``[k, iterations + 1]`` (Newton / L-BFGS; NaN after a member
             stopped).
         lr: ``[k]`` final learning rate per member.
-        floor_epoch: ``[k]`` with ``recipe.stop_at_floor``: the epoch (1-based count) at whose end the member's
-            learning rate reached the floor, -1 if it never did; empty otherwise.
+        floor_epoch: ``[k]`` the epoch (1-based count) at whose end the member's plateau learning rate reached
+            its floor, -1 if it never did (always -1 without the plateau schedule); empty for Newton / L-BFGS.
         epochs_run: ``[k]`` epochs actually computed per member (``recipe.epochs`` unless it stopped at the
             floor); empty for Newton / L-BFGS.
         last: with SWA, the last iterates (``params`` holds the average): SWA does not change the trajectory, so
