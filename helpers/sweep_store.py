@@ -2,7 +2,8 @@
 
 The paper profile of the Iris sweeps (50 repetitions, every regime, the paper's 60,000 / 7,500 epochs) takes
 hours. It is run in the background on a Dask ``LocalCluster`` (or any cluster) and every finished chunk — one
-sweep × one regime family × one block of repetitions, see :meth:`helpers.sweeps.IrisSweepConfig.chunks` — is
+setting (depth or width) × one regime family × one block of repetitions, see
+:meth:`helpers.sweeps.IrisSweepConfig.chunks` — is
 written under ``book/data/iris_paper/<chunk>/`` as small CSVs with its provenance (command, git SHA, date,
 machine, wall time) and, with ``--commit``, committed at once. A fresh clone therefore resumes where the last
 run stopped: chunks already stored are skipped.
@@ -10,8 +11,8 @@ run stopped: chunks already stored are skipped.
     python -m helpers.sweep_store run --workers 2 --commit     # start or resume (hours; in the background)
     python -m helpers.sweep_store status                       # which chunks are stored
 
-Chapter 2 reads the stored chunks with :func:`load` and shows them beside the default run and the paper's bars;
-``tests/test_sweep_store.py`` recomputes one stored repetition from its seed.
+Chapter 2 reads the stored chunks with :func:`load_stored` and shows them beside the default run and the paper's
+bars; ``tests/test_sweep_store.py`` recomputes a committed chunk from its seeds.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def load(store: Path = STORE, config: IrisSweepConfig | None = None) -> tuple[IrisSweepResult, pd.DataFrame]:
+def load_stored(store: Path = STORE, config: IrisSweepConfig | None = None
+                ) -> tuple[IrisSweepResult, pd.DataFrame]:
     """Every stored chunk of ``config`` (default: :func:`paper_config`) as one result, and a provenance table
     (one row per chunk: name, repetitions, date, git SHA, wall time). Chunks not yet stored are simply absent;
     an empty store gives empty tables."""
@@ -142,7 +144,7 @@ def borrow(config: IrisSweepConfig, regimes: Sequence[str], store: Path = STORE)
     differs = [f for f in PROTOCOL_FIELDS if getattr(config, f) != getattr(paper, f)]
     if differs:
         raise ValueError(f"the stored runs follow the paper profile's protocol; this config differs in {differs}")
-    stored, _ = load(store)
+    stored, _ = load_stored(store)
     if not len(stored.runs):
         return stored
     values = {"depth": set(config.depths), "width": set(config.widths)}

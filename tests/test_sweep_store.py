@@ -32,7 +32,7 @@ def test_store_round_trip_and_resume(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     assert {"git_sha", "date", "machine", "wall_s", "command", "config", "task"} <= set(prov)
     # another config (e.g. other lengths) never reuses the stored chunk
     assert not sweep_store.is_stored(first, sweeps.IrisSweepConfig(**{**TINY.__dict__, "epochs": 31}), tmp_path)
-    back, table = sweep_store.load(tmp_path, TINY)
+    back, table = sweep_store.load_stored(tmp_path, TINY)
     assert list(table["chunk"]) == ["depth-plain-d1-r00-01"] and table["wall_s"].tolist() == [1.5]
     # full precision survives the CSV round trip
     pd.testing.assert_frame_equal(back.runs, result.runs.reset_index(drop=True), check_dtype=False, rtol=0,
@@ -40,7 +40,7 @@ def test_store_round_trip_and_resume(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     # a resumed run skips what is stored and adds the rest
     sweep_store.run(1, False, config=TINY, store=tmp_path, scheduler=None)
     assert all(sweep_store.is_stored(t, TINY, tmp_path) for t in tasks)
-    assert len(sweep_store.load(tmp_path, TINY)[1]) == len(tasks)
+    assert len(sweep_store.load_stored(tmp_path, TINY)[1]) == len(tasks)
 
 
 def test_a_committed_chunk_is_recomputed_from_its_seeds() -> None:
