@@ -173,12 +173,41 @@ def by_block(task: dict[str, Any]) -> tuple:
     return (task["rep_start"], task["family"] == "bnn", task["sweep"] == "depth", task["values"])
 
 
+def first_of(settings: dict[str, Sequence[int]], reps: int, families: Sequence[str] = ("plain", "bnn")):
+    """A run order that takes the chunks inside ``settings`` (e.g. chapter 2's default: ``{"depth": [1, 2, 4, 8],
+    "width": [8, 20, 50]}``), repetitions below ``reps``, of ``families`` first, each group in :func:`by_block`
+    order — so that a profile borrowing stored runs (:func:`borrow`) gets them before the rest of the sweep.
+    Inside, the most expensive chunks come first (deepest, then widest): with several workers, starting the
+    longest tasks first gives the shortest wall time."""
+    def order(task: dict[str, Any]) -> tuple:
+        inside = (task["family"] in families and task["rep_stop"] <= reps
+                  and set(task["values"]) <= set(settings.get(task["sweep"], ())))
+        if inside:
+            return (0, task["sweep"] != "depth", -max(task["values"]), task["family"] == "plain", task["rep_start"])
+        return (1,) + by_block(task)
+
+    return order
+
+
+def parse_settings(specs: Sequence[str]) -> dict[str, list[int]]:
+    """``["depth=1,2,4,8", "width=8,20,50"]`` → ``{"depth": [1, 2, 4, 8], "width": [8, 20, 50]}``."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        sweep, _, values = spec.partition("=")
+        if sweep not in ("depth", "width") or not values:
+            raise ValueError(f"--first takes sweep=values such as depth=1,2,4,8 or width=8,20,50, got {spec!r}")
+        out[sweep] = [int(v) for v in values.split(",")]
+    return out
+
+
 def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSweepConfig | None = None,
-        store: Path = STORE) -> None:
+        store: Path = STORE, order=by_block, command: str | None = None) -> None:
     """Run every chunk not yet stored on a Dask cluster (a ``LocalCluster`` of ``workers`` one-thread processes
-    unless ``scheduler`` names one), writing — and with ``commit`` committing — each as it finishes."""
+    unless ``scheduler`` names one), writing — and with ``commit`` committing — each as it finishes, in
+    ``order`` (a sort key of the tasks: :func:`by_block` or :func:`first_of`)."""
     config = config or paper_config()
-    command = " ".join(["python -m helpers.sweep_store run", f"--workers {workers}"] + (["--commit"] if commit else []))
+    command = command or " ".join(["python -m helpers.sweep_store run", f"--workers {workers}"]
+                                  + (["--commit"] if commit else []))
     started = {"t": time.perf_counter()}
     code = code_version()  # the code this process runs, whatever is committed while it runs
 
@@ -207,7 +236,7 @@ def run(workers: int, commit: bool, scheduler: str | None = None, config: IrisSw
     try:
         # wall time per chunk is measured between completions: with w workers it is w chunks' worth of one core
         run_iris_sweeps(config, block=BLOCK, scheduler=scheduler, progress=True, cache=False, on_result=done,
-                        skip=lambda t: is_stored(t, config, store), order=by_block)
+                        skip=lambda t: is_stored(t, config, store), order=order)
     finally:
         if cluster is not None:
             cluster.close()
@@ -220,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (one thread each)")
     r.add_argument("--scheduler", default=None, help="an existing Dask scheduler address instead of a LocalCluster")
     r.add_argument("--commit", action="store_true", help="git-commit each chunk as soon as it is stored")
+    r.add_argument("--first", nargs="*", default=[], metavar="SWEEP=VALUES",
+                   help="run these settings first, e.g. --first depth=1,2,4,8 width=8,20,50 (chapter 2's default)")
+    r.add_argument("--first-reps", type=int, default=BLOCK, help="repetitions of the --first settings (default %(default)s)")
+    r.add_argument("--first-family", nargs="*", default=["plain", "bnn"], choices=["plain", "bnn"],
+                   help="families of the --first settings (default: both)")
     sub.add_parser("status", help="list the stored and the missing chunks")
     args = parser.parse_args(argv)
     config = paper_config()
@@ -233,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    run(args.workers, args.commit, args.scheduler, config)
+    order = by_block
+    if args.first:
+        order = first_of(parse_settings(args.first), args.first_reps, args.first_family)
+    run(args.workers, args.commit, args.scheduler, config, order=order,
+        command=" ".join(["python -m helpers.sweep_store"] + list(argv if argv is not None else sys.argv[1:])))
     return 0
 
 
