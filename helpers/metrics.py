@@ -268,10 +268,10 @@ class NoiseCeiling:
     """Reliability of a seed-averaged ground truth and the correlation ceiling it implies.
 
     Attributes:
-        reliability: r_k, share of the seed-mean's variance across points that is signal (ICC(1,k)).
+        reliability: r_k, share of the seed-mean's variance across points that is signal (ICC(C,k) by default).
         ceiling: √r_k (0 if r_k ≤ 0), the largest expected Pearson correlation any estimator can reach against
             the seed-mean of k seeds.
-        reliability_single, ceiling_single: the same for a ground truth from one seed (ICC(1,1)).
+        reliability_single, ceiling_single: the same for a ground truth from one seed (ICC(C,1) by default).
         signal_var: variance across points of the noise-free Δ_true (can come out negative: no detectable signal).
         noise_var: variance across seeds at a fixed point (pooled over points).
         n_seeds, n_points: the shape of the input.
@@ -287,16 +287,24 @@ class NoiseCeiling:
     n_points: int
 
 
-def noise_ceiling(delta_true: ArrayLike) -> NoiseCeiling:
+def noise_ceiling(delta_true: ArrayLike, form: str = "consistency") -> NoiseCeiling:
     """The reliability ceiling implied by seed-to-seed variance of Δ_true.
 
-    Model: Δ_true[s, i] = T_i + e_si, signal T_i varying over points, noise e_si over seeds (variance σ²_e).
-    One-way random-effects ANOVA over points (Shrout & Fleiss 1979, ICC(1,·)):
+    Model: Δ_true[s, i] = T_i + b_s + e_si: signal T_i varying over points, an offset b_s per seed (a seed whose
+    reference model lands higher or lower moves every point's Δ alike) and noise e_si (variance σ²_e).
 
-        MS_within  = mean over points of the across-seed variance (ddof 1)        → σ²_e
-        MS_between = k · variance over points of the seed-means (ddof 1)          → k σ²_T + σ²_e
-        r_k = (MS_between − MS_within) / MS_between        = σ²_T / (σ²_T + σ²_e / k)
-        r_1 = (MS_between − MS_within) / (MS_between + (k − 1) MS_within)
+    ``form="consistency"`` (default; two-way model, McGraw & Wong 1996, ICC(C,·)): the seed offsets are not
+    noise for a correlation — Pearson and Spearman ignore a constant added to every point, and the seed-mean
+    carries only the mean offset, a constant — so they are removed with the seed means::
+
+        MS_points = k · variance over points of the seed-means (ddof 1)                → k σ²_T + σ²_e
+        MS_error  = Σ (Δ_si − Δ̄_s· − Δ̄_·i + Δ̄)² / ((k − 1)(n − 1))                   → σ²_e
+        r_k = (MS_points − MS_error) / MS_points         = σ²_T / (σ²_T + σ²_e / k)
+        r_1 = (MS_points − MS_error) / (MS_points + (k − 1) MS_error)
+
+    ``form="agreement"`` (one-way model, Shrout & Fleiss 1979, ICC(1,·)) pools the offsets with the noise
+    (MS_within = mean over points of the across-seed variance): right for a metric that sees absolute values
+    (e.g. the relative error), too low a ceiling for a correlation when seeds differ by offsets.
 
     r_k and r_1 are linked by the Spearman–Brown prophecy formula r_k = k r_1 / (1 + (k − 1) r_1) (Spearman 1910;
     Brown 1910). By Spearman's (1904) correction for attenuation, the correlation of any estimator P with the
@@ -306,6 +314,7 @@ def noise_ceiling(delta_true: ArrayLike) -> NoiseCeiling:
     Args:
         delta_true: ``[n_seeds, n_points]`` Δ_true of the same points under ``n_seeds ≥ 2`` retraining seeds
             (numpy or torch).
+        form: ``"consistency"`` or ``"agreement"`` (above).
 
     Returns:
         :class:`NoiseCeiling`. Reliabilities are unclipped estimates (negative when noise swamps signal);
@@ -313,6 +322,8 @@ def noise_ceiling(delta_true: ArrayLike) -> NoiseCeiling:
 
     Cost: O(n_seeds · n_points).
     """
+    if form not in ("consistency", "agreement"):
+        raise ValueError(f"form must be 'consistency' (correlations) or 'agreement' (absolute values), got {form!r}")
     if hasattr(delta_true, "detach"):
         delta_true = delta_true.detach().cpu().numpy()
     d = np.asarray(delta_true, dtype=np.float64)
@@ -321,8 +332,12 @@ def noise_ceiling(delta_true: ArrayLike) -> NoiseCeiling:
     if not np.all(np.isfinite(d)):
         raise ValueError("delta_true has non-finite values: drop or fix the failed runs")
     k, n = d.shape
-    ms_within = float(np.mean(np.var(d, axis=0, ddof=1)))
     ms_between = float(k * np.var(d.mean(axis=0), ddof=1))
+    if form == "agreement":
+        ms_within = float(np.mean(np.var(d, axis=0, ddof=1)))
+    else:
+        resid = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
+        ms_within = float((resid ** 2).sum() / ((k - 1) * (n - 1)))
     if ms_between == 0:
         raise ValueError("the seed-mean of delta_true is constant over points: there is no signal to correlate with")
     r_k = (ms_between - ms_within) / ms_between

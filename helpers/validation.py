@@ -227,8 +227,20 @@ class Problem:
 
 
 def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test: Data, *, params: str = "all",
-                 damping: float = 0.0, gn_damping: float = 0.0, seed: int = 0, cache: bool = True) -> Problem:
+                 damping: float = 0.0, gn_damping: float = 0.0, seed: int = 0, head_tol: float | None = None,
+                 raise_damping: bool = False, cache: bool = True) -> Problem:
     """Train θ̂ (``fit(recipe, model, *train, cache=cache)``), pick the test points, compute both estimates.
+
+    ``head_tol``: after training, refit the last layer on the frozen features by Newton (float64) until its
+    gradient norm is at most ``head_tol`` — the convergence the last-layer estimate assumes (θ̂ a stationary point
+    of the parameters it differentiates). The refit layer is written back into the model (in the model's dtype)
+    and the head keeps its float64 values. ``info`` records the head's gradient norm before and after
+    (``head_grad_norm_before``, ``head_grad_norm``) whether or not it is refit.
+
+    ``raise_damping``: where the exact Hessian (computed for estimates of ≤ 500 parameters) has a smallest
+    eigenvalue λ_min < 0 with ``damping`` ≤ −λ_min, use δ = 2·|λ_min| instead (H + δI then has smallest eigenvalue
+    |λ_min|), so that every θ̂ of a replication gets a positive definite estimate; ``Problem.damping`` and
+    ``info["damping"]`` hold the δ used.
 
     Test points: max / median / random loss under θ̂ among the rows of ``test`` (:func:`test_points`, ``seed``).
     Estimates over ``params`` (``"all"``; ``"last"`` is computed on the head and cached features, identical to
@@ -242,6 +254,13 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
         raise ValueError(f"params must be 'all' or 'last', got {params!r}")
     fitted = fit(recipe, model, *train, progress=False, cache=cache)
     trained = model_with(model, fitted.params)
+    head_before = _head_grad_norm(trained, train, recipe.weight_decay)
+    refit = None
+    if head_tol is not None:
+        refit = _refit_head(trained, train, recipe.weight_decay, head_tol, cache)
+        with torch.no_grad():
+            for (_, p_), v in zip(trained.last_layer.named_parameters(), refit.values()):
+                p_.copy_(v.to(p_.dtype))
     xt, yt = test
     with torch.no_grad():
         tl = per_sample_losses(trained, dict(trained.named_parameters()), xt.to(recipe.torch_dtype), yt)
@@ -254,37 +273,78 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
     head, htrain, htest = last_layer_problem(trained, (train[0].to(recipe.torch_dtype), train[1]), chosen)
     # The last layer is a small convex problem: estimates and retraining on it run in float64 whatever θ̂'s dtype.
     head, htrain, htest = head.double(), (htrain[0].double(), htrain[1]), (htest[0].double(), htest[1])
+    if refit is not None:
+        with torch.no_grad():
+            for (_, p_), v in zip(head.named_parameters(), refit.values()):
+                p_.copy_(v)
     target, tr, te = (trained, (train[0].to(recipe.torch_dtype), train[1]), chosen) if params == "all" else \
         (head, htrain, htest)
 
     def estimates() -> dict[str, Any]:
-        est = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=damping)
-        est_gn = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=gn_damping,
-                                 hessian="gauss_newton")
-        out = {"H": est.values.detach().double().numpy(), "GN": est_gn.values.detach().double().numpy(),
-               "d": int(est.solve.x.shape[0]), "residual": float(est.solve.relative_residual.max())}
-        if out["d"] <= 500:  # the curvature the estimate inverts: is θ̂ a minimum of it? (small d only)
+        out: dict[str, Any] = {}
+        d = sum(v.numel() for v in target.parameters())
+        delta = float(damping)
+        if d <= 500:  # the curvature the estimate inverts: is θ̂ a minimum of it? (small d only)
             from helpers.curvature import hessian_operator
 
             P = {k: v.detach() for k, v in target.named_parameters()}
             vals = torch.linalg.eigvalsh(hessian_operator(target, P, *tr, l2=recipe.weight_decay).dense())
             out |= {"hessian_min_eig": float(vals[0]), "hessian_max_eig": float(vals[-1])}
+            if raise_damping and float(vals[0]) < 0 and delta <= -float(vals[0]):
+                delta = -2.0 * float(vals[0])  # H + δI positive definite with margin: its smallest eigenvalue −λ_min
+        est = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=delta)
+        est_gn = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=gn_damping,
+                                 hessian="gauss_newton")
+        out |= {"H": est.values.detach().double().numpy(), "GN": est_gn.values.detach().double().numpy(),
+                "d": int(est.solve.x.shape[0]), "residual": float(est.solve.relative_residual.max()), "damping": delta}
         return out
 
     key = {"model": target, "train": list(tr), "test": list(te), "l2": recipe.weight_decay, "damping": damping,
-           "gn_damping": gn_damping}
+           "gn_damping": gn_damping, "raise_damping": raise_damping}
     ests = memoize("problem_estimates", key, estimates) if cache else estimates()
     info = {"grad_norm": float(fitted.grad_norm), "train_loss": float(fitted.loss), "acc_train": acc_train,
             "acc_test": acc_test, "n_params": float(sum(v.numel() for v in fitted.params.values())),
             "n_params_estimate": float(ests["d"]), "residual": ests["residual"],
-            "test_loss_max": float(tl[picks["max"]])}
+            "test_loss_max": float(tl[picks["max"]]), "damping": float(ests.get("damping", damping))}
     info |= {f"test_position_{r}": float(picks[r]) for r in TEST_RULES}
+    info |= {"head_grad_norm_before": head_before,
+             "head_grad_norm": _head_grad_norm_of(head, htrain, recipe.weight_decay)}
     info |= {k: ests[k] for k in ("hessian_min_eig", "hessian_max_eig") if k in ests}
     return Problem(name=name, model=trained, recipe=recipe, train=(train[0].to(recipe.torch_dtype), train[1]),
-                   test=chosen, test_names=list(TEST_RULES), params=params, damping=float(damping),
+                   test=chosen, test_names=list(TEST_RULES), params=params, damping=float(ests.get("damping", damping)),
                    gn_damping=float(gn_damping), estimate=ests["H"], estimate_gn=ests["GN"],
                    train_loss=trl.detach().double().numpy(),
                    head=head, head_train=htrain, head_test=htest, info=info)
+
+
+def _head_grad_norm_of(head: nn.Module, features: Data, l2: float) -> float:
+    """‖∇R‖₂ of a float64 head on its features: mean cross-entropy + (λ/2)‖θ‖², the training objective."""
+    params = {k: v.detach().double().requires_grad_(True) for k, v in head.named_parameters()}
+    from torch.func import functional_call
+
+    loss = F.cross_entropy(functional_call(head, params, (features[0].double(),)), features[1]) \
+        + 0.5 * l2 * sum((v * v).sum() for v in params.values())
+    g = torch.autograd.grad(loss, list(params.values()))
+    return float(torch.sqrt(sum((t * t).sum() for t in g)))
+
+
+def _head_grad_norm(model: nn.Module, train: Data, l2: float) -> float:
+    x = train[0].to(next(model.parameters()).dtype)
+    head, feats, _ = last_layer_problem(model, (x, train[1]), (x[:1], train[1][:1]))
+    return _head_grad_norm_of(head.double(), (feats[0].double(), feats[1]), l2)
+
+
+def _refit_head(model: nn.Module, train: Data, l2: float, tol: float, cache: bool) -> dict[str, Tensor]:
+    """The last layer refit by Newton on the frozen features (float64) to ‖∇R‖₂ ≤ ``tol``, from θ̂'s values."""
+    x = train[0].to(next(model.parameters()).dtype)
+    head, feats, _ = last_layer_problem(model, (x, train[1]), (x[:1], train[1][:1]))
+    head = head.double()
+    res = fit(Recipe(optimizer="newton", weight_decay=l2, tol=tol, max_iter=100), head, feats[0].double(),
+              feats[1], progress=False, cache=cache)
+    if not res.grad_norm <= tol:
+        raise RuntimeError(f"the last layer did not reach ‖∇R‖ ≤ {tol:g} (got {res.grad_norm:.2e} after Newton's "
+                           "max_iter): raise head_tol or check the features for NaN")
+    return res.params
 
 
 @dataclass(frozen=True)
@@ -368,18 +428,9 @@ def columns_of(removed: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
     return np.asarray([where[int(i)] for i in candidates], dtype=np.int64)
 
 
-def side_by_side(problem: Problem, truths: dict[str, Any], removed: Sequence[int], *, t: int = 0,
-                 lengths: Sequence[int] = (), n_resamples: int = 1000, seed: int = 0, k: int | None = None
-                 ) -> pd.DataFrame:
-    """The chapter's summary rows for one model: every ground truth against the same estimate, with its noise.
-
-    Ground truths (``ground_truth`` column), on the candidates ``removed`` (cold start: those it covers):
-    ``cold (S seeds)`` (seed mean), ``cold (1 seed)`` (seed 0 alone), ``warm all``, ``warm all − drift``,
-    ``warm all @ e`` for e in ``lengths``, ``warm last``, ``PBRF`` — all against the exact-Hessian estimate
-    (estimate ``H+δ``), and ``PBRF`` also against the Gauss-Newton one (``GN+δ``, its counterpart).
-    Columns: those of :func:`agreement_table`, :func:`noise_summary`'s ``ceiling, ceiling_single, drift,
-    drift_ratio, median_abs_delta`` (on the same candidates), and ``model``.
-    """
+def _side_by_side_pieces(problem: Problem, truths: dict[str, Any], removed: Sequence[int], t: int,
+                         lengths: Sequence[int]) -> list[tuple[str, str, np.ndarray, np.ndarray, dict[str, float]]]:
+    """``(estimate name, ground-truth name, estimate, Δ_true, noise summary)`` of every row of :func:`side_by_side`."""
     removed = np.asarray(removed, dtype=np.int64)
     est, est_gn = problem.estimate[t], problem.estimate_gn[t]
     cold, warm, last, pb = truths["cold"], truths["warm_all"], truths["warm_last"], truths["pbrf"]
@@ -413,6 +464,22 @@ def side_by_side(problem: Problem, truths: dict[str, Any], removed: Sequence[int
     pg = sub(pb, removed)
     pieces.append(("H+δ", "PBRF", est[removed], pg.delta[t], noise_summary(pg, t)))
     pieces.append(("GN+δ", "PBRF", est_gn[removed], pg.delta[t], noise_summary(pg, t)))
+    return pieces
+
+
+def side_by_side(problem: Problem, truths: dict[str, Any], removed: Sequence[int], *, t: int = 0,
+                 lengths: Sequence[int] = (), n_resamples: int = 1000, seed: int = 0, k: int | None = None
+                 ) -> pd.DataFrame:
+    """The chapter's summary rows for one model: every ground truth against the same estimate, with its noise.
+
+    Ground truths (``ground_truth`` column), on the candidates ``removed`` (cold start: those it covers):
+    ``cold (S seeds)`` (seed mean), ``cold (1 seed)`` (seed 0 alone), ``warm all``, ``warm all − drift``,
+    ``warm all @ e`` for e in ``lengths``, ``warm last``, ``PBRF`` — all against the exact-Hessian estimate
+    (estimate ``H+δ``), and ``PBRF`` also against the Gauss-Newton one (``GN+δ``, its counterpart).
+    Columns: those of :func:`agreement_table`, :func:`noise_summary`'s ``ceiling, ceiling_single, drift,
+    drift_ratio, median_abs_delta`` (on the same candidates), and ``model``.
+    """
+    pieces = _side_by_side_pieces(problem, truths, removed, t, lengths)
     frames = []
     for en, gn, p, tv, extra in pieces:
         tab = agreement_table({en: p}, {gn: tv}, k=k, n_resamples=n_resamples, seed=seed)
@@ -421,6 +488,122 @@ def side_by_side(problem: Problem, truths: dict[str, Any], removed: Sequence[int
         frames.append(tab)
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "model", problem.name)
+    return out
+
+
+UNIT_METRICS: tuple[str, ...] = ("pearson", "spearman", "relative_error", "scale_ratio")
+
+
+def unit_rows(problem: Problem, truths: dict[str, Any], removed: Sequence[int], *, t: int = 0,
+              lengths: Sequence[int] = ()) -> pd.DataFrame:
+    """The rows of :func:`side_by_side` for one replication unit — one trained θ̂ and one test point — as point
+    values without intervals: the interval belongs to the replication over units (:func:`replicated_summary`).
+
+    Columns: ``model, test_point, estimate, ground_truth, metric, value, ceiling, drift_ratio, n``, metrics of
+    :data:`UNIT_METRICS` (``scale_ratio`` = median |estimate| / median |Δ_true|).
+    """
+    rows = []
+    for en, gn, p, tv, extra in _side_by_side_pieces(problem, truths, removed, t, lengths):
+        mt = float(np.median(np.abs(tv)))
+        vals = {"pearson": metrics.pearson(p, tv), "spearman": metrics.spearman(p, tv),
+                "relative_error": metrics.relative_error(p, tv),
+                "scale_ratio": float(np.median(np.abs(p)) / mt) if mt > 0 else float("inf")}
+        for m in UNIT_METRICS:
+            rows.append({"model": problem.name, "test_point": problem.test_names[t], "estimate": en,
+                         "ground_truth": gn, "metric": m, "value": vals[m], "ceiling": extra["ceiling"],
+                         "drift_ratio": extra["drift_ratio"], "n": len(tv)})
+    return pd.DataFrame(rows)
+
+
+def replicated_summary(units: pd.DataFrame, *, unit: Sequence[str] = ("theta_seed", "test_point"),
+                       n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean of every metric over the replication units with a two-stage bootstrap interval
+    (:func:`helpers.stats.hierarchical_mean_ci`: trained models, then test points within a model).
+
+    Args:
+        units: rows of :func:`unit_rows` for several units, with the columns named in ``unit`` (outer, inner).
+    Returns:
+        One row per ``model, ground_truth, estimate, metric``: ``value`` (mean over units), ``low``, ``high``,
+        ``n_outer``, ``n_inner``, ``ceiling`` and ``drift_ratio`` (medians over units), ``share_positive``.
+    Raises:
+        ValueError: a (model, ground truth, estimate, metric) whose units do not form a full outer × inner grid.
+    """
+    from helpers.stats import hierarchical_mean_ci
+
+    outer, inner = unit
+    rows = []
+    for key, g in units.groupby(["model", "ground_truth", "estimate", "metric"], sort=False):
+        grid = g.pivot_table(index=outer, columns=inner, values="value", aggfunc="first")
+        if grid.isna().any().any():
+            raise ValueError(f"{key}: the units do not form a full {outer} × {inner} grid; run every test point "
+                             "for every trained model")
+        mean, low, high = hierarchical_mean_ci(grid.to_numpy(), n_resamples=n_resamples, seed=seed)
+        rows.append(dict(zip(["model", "ground_truth", "estimate", "metric"], key)) | {
+            "value": mean, "low": low, "high": high, "n_outer": grid.shape[0], "n_inner": grid.shape[1],
+            "ceiling": float(g.ceiling.median()), "drift_ratio": float(g.drift_ratio.median()),
+            "share_positive": float((g.value > 0).mean())})
+    return pd.DataFrame(rows)
+
+
+def paired_difference(units: pd.DataFrame, a: tuple[str, str], b: tuple[str, str], *, metric: str = "pearson",
+                      unit: Sequence[str] = ("theta_seed", "test_point"), n_resamples: int = 2000, seed: int = 0
+                      ) -> pd.DataFrame:
+    """Per model, ``metric`` of ``a = (ground_truth, estimate)`` minus that of ``b`` on the same units, with the
+    two-stage bootstrap interval of the mean difference: "A beats B" holds where the interval lies above 0.
+
+    Returns one row per model: ``diff``, ``low``, ``high``, ``units``, ``verdict`` (``"a higher"``,
+    ``"b higher"`` or ``"no difference resolved"``).
+    """
+    from helpers.stats import hierarchical_mean_ci
+
+    outer, inner = unit
+    out = []
+    for model, g in units[units.metric == metric].groupby("model", sort=False):
+        pa = g[(g.ground_truth == a[0]) & (g.estimate == a[1])].set_index([outer, inner]).value
+        pb = g[(g.ground_truth == b[0]) & (g.estimate == b[1])].set_index([outer, inner]).value
+        if pa.empty or pb.empty:
+            raise ValueError(f"{model}: no units for {a if pa.empty else b}")
+        d = (pa - pb).unstack(inner)
+        if d.isna().any().any():
+            raise ValueError(f"{model}: {a} and {b} were not measured on the same units")
+        mean, low, high = hierarchical_mean_ci(d.to_numpy(), n_resamples=n_resamples, seed=seed)
+        verdict = "a higher" if low > 0 else "b higher" if high < 0 else "no difference resolved"
+        out.append({"model": model, "diff": mean, "low": low, "high": high, "units": int(d.size),
+                    "verdict": verdict})
+    return pd.DataFrame(out)
+
+
+def convergence_table(problem: Problem, truths: dict[str, Any], *, tol: float) -> pd.DataFrame:
+    """How far from a stationary point every compared model is: θ̂ (all parameters and the estimate's last
+    layer) and each ground truth's retrained models, with the median and largest final ‖∇R‖₂ of their own
+    objectives and whether all of them meet ``tol``.
+
+    Rows: ``model, what, length`` (the stopping rule: epochs of a fixed-length protocol, or the tolerance of a
+    Newton solve), ``grad_norm_median``, ``grad_norm_max``, ``tol``, ``met``. A correlation against a ground
+    truth whose models do not meet the criterion measures the protocol's stopping point as much as the estimate;
+    its noise ceiling is not read (:func:`replicated_summary` callers mark it).
+    """
+    def rec(gt: Any) -> dict[str, Any]:
+        r = gt.recipe if isinstance(gt.recipe, dict) else {}
+        if r.get("optimizer") == "newton":
+            return {"length": f"Newton to ‖∇‖ ≤ {r.get('tol'):g}"}
+        return {"length": f"{r.get('optimizer', '?')}, {r.get('epochs', '?')} epochs"}
+
+    rows = [{"what": "θ̂, all parameters", "length": f"{problem.recipe.optimizer}, {problem.recipe.epochs} epochs",
+             "grad_norm_median": problem.info["grad_norm"], "grad_norm_max": problem.info["grad_norm"]},
+            {"what": "θ̂, last layer (the estimate's)", "length": "as θ̂" if problem.info.get(
+                "head_grad_norm_before") == problem.info.get("head_grad_norm") else "refit by Newton",
+             "grad_norm_median": problem.info["head_grad_norm"], "grad_norm_max": problem.info["head_grad_norm"]}]
+    names = {"cold": "cold start (every seed, with and without z_i)", "warm_all": "warm all (every member)",
+             "warm_last": "warm last (every member)", "pbrf": "PBRF optima (every member)"}
+    for key, what in names.items():
+        g = np.asarray(truths[key].grad_norm, dtype=np.float64).ravel()
+        rows.append({"what": what, **rec(truths[key]), "grad_norm_median": float(np.nanmedian(g)),
+                     "grad_norm_max": float(np.nanmax(g))})
+    out = pd.DataFrame(rows)
+    out.insert(0, "model", problem.name)
+    out["tol"] = tol
+    out["met"] = out.grad_norm_max <= tol
     return out
 
 

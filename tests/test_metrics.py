@@ -115,6 +115,25 @@ def test_noise_ceiling_recovers_known_reliability():
     assert M.pearson(signal, delta[0]) == pytest.approx(nc.ceiling_single, abs=0.03)
 
 
+def test_noise_ceiling_consistency_form_ignores_seed_offsets():
+    # the same signal and noise as above, plus a large offset per seed (var 25): a correlation does not see it
+    rng = np.random.default_rng(7)
+    k, n = 5, 5000
+    signal = rng.normal(size=n)
+    noisy = signal + 2.0 * rng.normal(size=(k, n))
+    shifted = noisy + 5.0 * rng.normal(size=(k, 1))
+    c0, c1 = M.noise_ceiling(noisy), M.noise_ceiling(shifted)
+    assert c1.reliability == pytest.approx(c0.reliability, abs=1e-9)  # offsets cancel exactly in MS_error
+    assert c1.reliability == pytest.approx(5 / 9, abs=0.03)
+    assert M.pearson(signal, shifted.mean(0)) == pytest.approx(c1.ceiling, abs=0.02)
+    assert M.pearson(signal, shifted[0]) == pytest.approx(c1.ceiling_single, abs=0.03)
+    # the one-way (agreement) form counts the offsets (variance 25) as noise within points, and no ceiling is left
+    a1 = M.noise_ceiling(shifted, form="agreement")
+    assert a1.noise_var > 2 * c1.noise_var and a1.ceiling < 0.5 * c1.ceiling
+    with pytest.raises(ValueError, match="consistency"):
+        M.noise_ceiling(noisy, form="icc")
+
+
 def test_noise_ceiling_without_signal_and_bad_shapes():
     rng = np.random.default_rng(1)
     nc = M.noise_ceiling(rng.normal(size=(4, 3000)))  # pure noise

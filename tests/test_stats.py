@@ -32,6 +32,51 @@ def test_mean_ci_degenerate_and_bad_input() -> None:
         stats.mean_ci([])
 
 
+def test_hierarchical_mean_ci_has_the_two_stage_bootstrap_variance() -> None:
+    # outer units (seeds) with large offsets, inner units (test points) scattered around them
+    rng = np.random.default_rng(3)
+    s, t = 6, 4
+    x = rng.normal(0.0, 1.0, size=(s, 1)) + rng.normal(0.0, 0.3, size=(s, t))
+    m, lo, hi = stats.hierarchical_mean_ci(x, n_resamples=40000, seed=1)
+    assert m == pytest.approx(x.mean(), abs=1e-15) and lo < m < hi
+    # closed form: Var* = (var0(unit means) + mean(var0 within unit) / t) / s, each draw independent
+    var = (np.var(x.mean(1)) + np.mean(np.var(x, axis=1)) / t) / s
+    assert (hi - lo) / 2 == pytest.approx(1.96 * np.sqrt(var), rel=0.08)
+    # treating the 24 values as independent would understate the uncertainty of the seeds
+    _, flo, fhi = stats.mean_ci(x.ravel(), n_resamples=4000, seed=1)
+    assert (fhi - flo) < 0.7 * (hi - lo)
+    # one inner unit: the ordinary bootstrap of the outer values (same width up to resampling noise)
+    _, a, b = stats.hierarchical_mean_ci(x[:, 0], n_resamples=40000, seed=2)
+    assert (b - a) / 2 == pytest.approx(1.96 * np.sqrt(np.var(x[:, 0]) / s), rel=0.08)
+
+
+def test_hierarchical_mean_ci_degenerate_and_bad_input() -> None:
+    assert stats.hierarchical_mean_ci([[0.5]]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        stats.hierarchical_mean_ci([[0.1, float("nan")], [0.2, 0.3]])
+    with pytest.raises(ValueError, match="2-D"):
+        stats.hierarchical_mean_ci(np.zeros((2, 2, 2)))
+
+
+def test_paired_differences_pair_units_and_call_verdicts_from_intervals() -> None:
+    rng = np.random.default_rng(4)
+    t = np.arange(30)
+    base = rng.normal(0, 1.0, size=t.size)  # a large shared per-unit effect: only a paired test sees small shifts
+    rows = []
+    for k, shift in ((5, 0.3), (10, 0.0), (20, -0.3)):
+        noise = rng.normal(0, 0.05, size=t.size)
+        rows += [{"k": k, "set": "A", "t": i, "v": base[i] + shift + noise[i]} for i in t]
+        rows += [{"k": k, "set": "B", "t": i, "v": base[i]} for i in t]
+    frame = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # order must not matter: pairs are by unit
+    out = stats.paired_differences(frame, value="v", between="set", a="A", b="B", unit="t", by=["k"]).set_index("k")
+    assert out.loc[5, "verdict"] == "a higher" and out.loc[20, "verdict"] == "b higher"
+    assert out.loc[10, "verdict"] == "no difference resolved" and out.loc[10, "low"] < 0 < out.loc[10, "high"]
+    assert out.loc[5, "diff"] == pytest.approx(0.3, abs=0.03) and (out.n == 30).all()
+    with pytest.raises(ValueError, match="same t"):
+        stats.paired_differences(frame[~((frame.set == "B") & (frame.t == 3))], value="v", between="set", a="A",
+                                 b="B", unit="t", by=["k"])
+
+
 def test_one_way_effect_sizes_and_p_values() -> None:
     rng = np.random.default_rng(0)
     groups = [rng.normal(mu, 1.0, size=n) for mu, n in ((0.0, 12), (0.5, 15), (1.5, 9))]
