@@ -1576,6 +1576,9 @@ def _member_retraining_curve(config: IrisSweepConfig, depth: int, regime: str, r
 # ============================================================================================ summaries
 
 
+SHOW_RUNS = 5  # a group of at most this many runs is shown as its runs, not as a bootstrap interval
+
+
 def summarize_runs(runs: pd.DataFrame, by: Sequence[str], *, columns: Sequence[str] = ("spearman", "pearson"),
                    extra: Sequence[str] = ("drift", "drift_ratio"), n_resamples: int = 2000, seed: int = 0,
                    confidence: float = 0.95) -> pd.DataFrame:
@@ -1583,6 +1586,10 @@ def summarize_runs(runs: pd.DataFrame, by: Sequence[str], *, columns: Sequence[s
     value, each with a bootstrap CI (:func:`helpers.stats.mean_ci`), the share of negative values, and the mean
     (with CI) of the ``extra`` columns present. Runs whose correlation is undefined (NaN) are dropped and counted
     in ``n_undefined``.
+
+    A group of at most :data:`SHOW_RUNS` runs gets no bootstrap interval (with n = 3 there are 10 distinct
+    resamples): ``low`` / ``high`` are the smallest and largest run, ``<column>_runs`` lists the runs
+    (``;``-separated, for :func:`paired_bars` to draw) and ``<column>_interval`` says which of the two it is.
     """
     from helpers.stats import mean_ci
 
@@ -1596,8 +1603,14 @@ def summarize_runs(runs: pd.DataFrame, by: Sequence[str], *, columns: Sequence[s
             v = g[col].dropna().to_numpy()
             for name, arr in ((col, v), (f"abs_{col}", np.abs(v))):
                 # every run undefined (e.g. a solver that diverged each time): NaN, counted in n_undefined
-                m, lo, hi = (mean_ci(arr, confidence=confidence, n_resamples=n_resamples, seed=seed) if v.size
-                             else (np.nan, np.nan, np.nan))
+                if not v.size:
+                    m, lo, hi = np.nan, np.nan, np.nan
+                elif v.size <= SHOW_RUNS:
+                    m, lo, hi = float(arr.mean()), float(arr.min()), float(arr.max())
+                    row[f"{name}_runs"] = ";".join(f"{a:.17g}" for a in arr)
+                else:
+                    m, lo, hi = mean_ci(arr, confidence=confidence, n_resamples=n_resamples, seed=seed)
+                row[f"{name}_interval"] = "runs" if 0 < v.size <= SHOW_RUNS else f"bootstrap {confidence:.0%}"
                 row.update({name: m, f"{name}_low": lo, f"{name}_high": hi})
             row[f"{col}_neg_share"] = float((v < 0).mean()) if v.size else np.nan
         for col in extra:
@@ -1910,7 +1923,9 @@ def paired_bars(ax: Any, frame: pd.DataFrame, x: str, series: Sequence[tuple[str
 
     ``series``: ``(label, column, color)`` triples; each bar is ``frame[column]`` with whiskers from
     ``frame[column + "_low"]`` to ``frame[column + "_high"]`` (e.g. the paper's and the book's mean |ρ| from
-    :func:`summarize_runs`). Missing values (NaN: a setting one side did not run) leave a gap. Returns ``ax``.
+    :func:`summarize_runs`). Where ``frame[column + "_runs"]`` lists the runs of a bar (a group of at most
+    :data:`SHOW_RUNS`), they are drawn as dots on it. Missing values (NaN: a setting one side did not run) leave a
+    gap. Returns ``ax``.
     """
     missing = [c for _, col, _ in series for c in (col, f"{col}_low", f"{col}_high") if c not in frame.columns]
     if missing or x not in frame.columns:
@@ -1926,6 +1941,11 @@ def paired_bars(ax: Any, frame: pd.DataFrame, x: str, series: Sequence[tuple[str
         ax.bar(at, mid, width=width, color=color, label=label, hatch=None if hatch is None else hatch[s_i],
                edgecolor="white", linewidth=0.5)
         ax.errorbar(at, mid, yerr=np.clip(err, 0, None), fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5)
+        if f"{col}_runs" in part.columns:
+            for a, listed in zip(at, part[f"{col}_runs"]):
+                if isinstance(listed, str) and listed:
+                    vals = np.array([float(t) for t in listed.split(";")])
+                    ax.scatter(np.full(vals.size, a), vals, s=5, color="0.1", zorder=3, lw=0)
     ax.set_xticks(range(len(xs)), [str(v) for v in xs])
     ax.axhline(0, color="0.5", lw=0.6)
     return ax

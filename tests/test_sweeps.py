@@ -4,6 +4,7 @@ at tiny sizes (float64 wherever results must match)."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -273,6 +274,22 @@ def test_run_iris_group_tiny_end_to_end() -> None:
     assert (summary["abs_spearman"] <= summary["abs_spearman_high"] + 1e-12).all()
     with pytest.raises(ValueError, match="unknown regimes"):
         sweeps.IrisSweepConfig(depth_regimes=("l3",))
+
+
+def test_summarize_runs_shows_few_runs_as_runs_and_many_with_a_bootstrap_interval() -> None:
+    rng = np.random.default_rng(0)
+    few = pd.DataFrame({"g": "few", "spearman": [0.2, 0.5, 0.9], "pearson": [0.1, 0.4, 0.8]})
+    many = pd.DataFrame({"g": "many", "spearman": rng.uniform(0.3, 0.7, 40), "pearson": rng.uniform(0.3, 0.7, 40)})
+    s = sweeps.summarize_runs(pd.concat([few, many]), ["g"], extra=(), n_resamples=500).set_index("g")
+    # three runs: the whisker is their range and the runs are listed, never a bootstrap over 10 distinct resamples
+    assert (s.loc["few", "spearman_low"], s.loc["few", "spearman_high"]) == (0.2, 0.9)
+    assert [float(v) for v in s.loc["few", "spearman_runs"].split(";")] == [0.2, 0.5, 0.9]
+    assert s.loc["few", "spearman_interval"] == "runs" and s.loc["many", "spearman_interval"] == "bootstrap 95%"
+    assert s.loc["many", "spearman_high"] - s.loc["many", "spearman_low"] < 0.2 and pd.isna(s.loc["many", "spearman_runs"])
+    fig, ax = plt.subplots()
+    sweeps.paired_bars(ax, s.reset_index(), "g", [("book", "spearman", "C0")])
+    assert len(ax.collections) >= 2  # the whiskers and the dots of the three runs
+    plt.close(fig)
 
 
 def test_compare_bars_flags_separate_intervals() -> None:
