@@ -107,6 +107,8 @@ def check_validation(r: dict[str, Any]) -> None:
     assert r["pitfall_fixed_exact_spearman"] > r["pitfall_broken_exact_spearman"] + 0.4
     # the paper's own runs, whatever the profile: depth effect (STUDY.md §3 item 4), drift (item 2), |ρ| floor
     assert 1e-9 < r["paper_l2_abs_p"] < 3e-9
+    # per regime with Holm's correction (fixed published data): nol2 and l2_toplayer are the two exceptions
+    assert (r["paper_regimes"], r["paper_regimes_significant_abs"], r["paper_regimes_significant_signed"]) == (6, 4, 4)
     assert r["paper_lenet_mnist_drift"] == pytest.approx(0.27, abs=0.01)
     assert r["paper_lenet_cifar_drift"] == pytest.approx(0.61, abs=0.01) and r["paper_lenet_spread"] < 0.035
     assert 0.15 < r["null_abs_rho_25"] < 0.18 and 0.11 < r["null_abs_rho_40"] < 0.15
