@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats as st
 
-__all__ = ["OneWay", "mean_ci", "hierarchical_mean_ci", "paired_differences", "one_way", "one_way_table"]
+__all__ = ["OneWay", "mean_ci", "hierarchical_mean_ci", "paired_differences", "against_reference", "one_way",
+           "one_way_table"]
 
 
 def _values(values: Any, name: str = "values") -> np.ndarray:
@@ -133,6 +134,34 @@ def paired_differences(frame: pd.DataFrame, *, value: str, between: str, a: Any,
         mean, low, high = mean_ci(d, confidence=confidence, n_resamples=n_resamples, seed=seed)
         verdict = "a higher" if low > 0 else "b higher" if high < 0 else "no difference resolved"
         rows.append(dict(zip(by, key)) | {"diff": mean, "low": low, "high": high, "n": int(d.size), "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def against_reference(frame: pd.DataFrame, *, value: str, unit: str, by: str, reference: Any,
+                      relative: bool = False, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+                      ) -> pd.DataFrame:
+    """Along a curve (one row per ``by`` value and ``unit``), each point against a per-unit reference: the mean
+    over units of ``value − reference`` (or, with ``relative``, of ``value / reference``) with its bootstrap
+    interval (:func:`mean_ci`). Use it to say where a curve departs from its limit by more than a stated margin:
+    an interval inside ``±margin`` is equivalence, one outside it is a departure, one across it is unresolved.
+
+    Args:
+        reference: ``{unit: reference value}`` (a mapping or a Series indexed by unit), e.g. each test point's
+            error at convergence.
+    Returns:
+        One row per ``by`` value (sorted): ``by``, ``mean``, ``low``, ``high``, ``n``.
+    """
+    ref = pd.Series(reference)
+    missing = set(frame[unit]) - set(ref.index)
+    if missing:
+        raise ValueError(f"reference has no value for {unit} {sorted(missing)[:5]}")
+    rows = []
+    for key, g in frame.groupby(by, sort=True):
+        r = ref.reindex(g[unit]).to_numpy(float)
+        v = g[value].to_numpy(float)
+        d = v / r if relative else v - r
+        mean, low, high = mean_ci(d, confidence=confidence, n_resamples=n_resamples, seed=seed)
+        rows.append({by: key, "mean": mean, "low": low, "high": high, "n": int(d.size)})
     return pd.DataFrame(rows)
 
 

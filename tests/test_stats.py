@@ -77,6 +77,23 @@ def test_paired_differences_pair_units_and_call_verdicts_from_intervals() -> Non
                                  b="B", unit="t", by=["k"])
 
 
+def test_against_reference_measures_a_curve_against_each_units_limit() -> None:
+    rng = np.random.default_rng(5)
+    units = np.arange(12)
+    limit = rng.uniform(1.0, 3.0, units.size)  # each unit's own converged value
+    rows = [{"tau": tau, "t": t, "err": limit[t] * (1 + tau) + rng.normal(0, 1e-4)} for tau in (0.0, 0.5, 2.0)
+            for t in units]
+    frame = pd.DataFrame(rows)
+    out = stats.against_reference(frame, value="err", unit="t", by="tau", reference=dict(enumerate(limit)),
+                                  relative=True).set_index("tau")
+    assert out.loc[0.0, "mean"] == pytest.approx(1.0, abs=1e-3) and out.loc[2.0, "low"] > 2.9
+    assert out.loc[0.5, "low"] <= 1.5 <= out.loc[0.5, "high"] + 1e-3 and (out.n == 12).all()
+    diff = stats.against_reference(frame, value="err", unit="t", by="tau", reference=pd.Series(limit))
+    assert diff.set_index("tau").loc[0.0, "high"] < 1e-3
+    with pytest.raises(ValueError, match="no value"):
+        stats.against_reference(frame, value="err", unit="t", by="tau", reference={0: 1.0})
+
+
 def test_one_way_effect_sizes_and_p_values() -> None:
     rng = np.random.default_rng(0)
     groups = [rng.normal(mu, 1.0, size=n) for mu, n in ((0.0, 12), (0.5, 15), (1.5, 9))]
