@@ -39,7 +39,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,7 +51,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from helpers import data as data_mod
 from helpers import models
-from helpers.cache import REPO_ROOT, memoize
+from helpers.cache import memoize
 from helpers.curvature import CurvatureOperator, extreme_eigenvalues, hessian_operator, spectrum_summary
 from helpers.influence import per_sample_grads, predict_removal
 from helpers.objective import param_names, removal_weights
@@ -62,7 +61,7 @@ from helpers.train import (EnsembleResult, MemberObjective, Recipe, fit_ensemble
 
 __all__ = [
     "REGIMES", "Regime", "IrisData", "Stack", "StackFit", "Retrained", "IrisSweepConfig", "IrisSweepResult",
-    "DeepConfig", "DeepResult", "read_reference", "paper_iris_runs", "paper_deep_runs", "iris_data",
+    "DeepConfig", "DeepResult", "iris_data",
     "iris_loo_losses", "stack_objective", "stack_losses", "stack_features", "fit_stack", "retrain_stack",
     "retrain_last_layer", "retraining_curve", "last_layer_influence", "softmax_layer_terms",
     "batched_last_layer_influence", "paper_inverse_influence", "bnn_last_layer_influence", "hessian_spectrum",
@@ -71,62 +70,8 @@ __all__ = [
     "compare_bars", "run_deep", "paired_bars",
 ]
 
-REFERENCE_DIR = REPO_ROOT / "book" / "data"
 
-
-# ============================================================================================ reference data
-
-
-def read_reference(name: str, folder: str | Path | None = None) -> pd.DataFrame:
-    """One of the paper's reference tables (``book/data/epifano2023_<name>.csv``) as a DataFrame.
-
-    ``name``: ``"iris"``, ``"deep"`` (the bars of Figs. 1–3 and 2), ``"iris_runs"``, ``"deep_runs"`` (every
-    repetition). Header lines starting with ``#`` (source and licence) are skipped.
-    """
-    folder = Path(folder) if folder is not None else REFERENCE_DIR
-    path = folder / f"epifano2023_{name}.csv"
-    if not path.exists():
-        known = sorted(p.stem.removeprefix("epifano2023_") for p in folder.glob("epifano2023_*.csv"))
-        raise FileNotFoundError(f"no reference table {path}: the names are {known}")
-    return pd.read_csv(path, comment="#")
-
-
-def paper_iris_runs(folder: str | Path | None = None) -> pd.DataFrame:
-    """The paper's Iris repetitions, with ``abs_spearman`` / ``abs_pearson`` added (the figures plot |ρ|)."""
-    runs = read_reference("iris_runs", folder)
-    runs["abs_spearman"] = runs["spearman"].abs()
-    runs["abs_pearson"] = runs["pearson"].abs()
-    return runs
-
-
-def paper_deep_runs(folder: str | Path | None = None, n_top: int = 40, test_point: str = "max") -> pd.DataFrame:
-    """Per repetition of the paper's Fig. 2 runs: signed Spearman / Pearson over the first ``n_top`` candidates,
-    and the drift (mean "true" difference within the repetition) and spread (its standard deviation, ddof 0).
-
-    The estimates are in the authors' sign convention; Spearman is computed exactly as they did (estimate against
-    "true"), so ``abs_spearman`` averages to their bars.
-    """
-    raw = read_reference("deep_runs", folder)
-    raw = raw[(raw["test_point"] == test_point) & (raw["rank"] < n_top)]
-    rows = []
-    for (ds, model, rep), g in raw.groupby(["dataset", "model", "rep"], sort=True):
-        est, true = g["estimated"].to_numpy(float), g["true"].to_numpy(float)
-        rows.append({"dataset": ds, "model": model, "rep": int(rep), "n": len(g),
-                     "spearman": _corr(est, true, "spearman"), "pearson": _corr(est, true, "pearson"),
-                     "drift": float(true.mean()), "spread": float(true.std())})
-    out = pd.DataFrame(rows)
-    out["abs_spearman"] = out["spearman"].abs()
-    out["abs_pearson"] = out["pearson"].abs()
-    return out
-
-
-def _corr(a: np.ndarray, b: np.ndarray, kind: str) -> float:
-    """Pearson / Spearman of two vectors; NaN if either is constant (undefined, counted by the callers)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    if kind == "pearson":
-        return float(st.pearsonr(a, b).statistic)
-    return float(st.spearmanr(a, b).statistic)
+# ============================================================================================ correlations
 
 
 def _corr_rows(est: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.stats as st
 
-from helpers import stats, sweeps
+from helpers import paper_data, stats
 
 
 def test_mean_ci_matches_scipy_bootstrap_and_covers_the_mean() -> None:
@@ -131,7 +131,7 @@ def test_one_way_table_slices_and_drops_nan() -> None:
 
 def test_paper_anova_across_depths_reproduces_the_published_arrays() -> None:
     """STUDY.md §3 item 4: a one-way ANOVA of |ρ| across depths in the L2 regime gives p ≈ 2e-9."""
-    runs = sweeps.paper_iris_runs()
+    runs = paper_data.iris_runs()
     t = stats.one_way_table(runs[runs["sweep"] == "depth"], "abs_spearman", "value", ["regime"])
     p = float(t.loc[t["regime"] == "l2", "anova_p"].iloc[0])
     assert 1e-9 < p < 3e-9
