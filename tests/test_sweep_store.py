@@ -80,3 +80,16 @@ def test_borrow_takes_the_same_members_and_refuses_another_protocol(tmp_path, mo
     assert set(got.runs["sweep"]) == {"width"} and len(got.history) > 0
     with pytest.raises(ValueError, match="differs in \\['epochs'\\]"):
         sweep_store.borrow(sweeps.IrisSweepConfig(**{**TINY.__dict__, "epochs": 31}), ["bnn"], store=tmp_path)
+
+
+def test_first_runs_the_settings_a_profile_borrows_longest_first() -> None:
+    config = sweep_store.paper_config()
+    order = sweep_store.first_of(sweep_store.parse_settings(["depth=1,2,4,8", "width=8,20,50"]), 5, ["bnn"])
+    tasks = sorted(config.chunks(sweep_store.BLOCK), key=order)
+    names = [sweep_store.chunk_name(t) for t in tasks[:8]]
+    assert names[:7] == ["depth-bnn-d8-r00-05", "depth-bnn-d4-r00-05", "depth-bnn-d2-r00-05", "depth-bnn-d1-r00-05",
+                         "width-bnn-w50-r00-05", "width-bnn-w20-r00-05", "width-bnn-w8-r00-05"]
+    # then the usual order: the first block of every setting, cheap (plain, width) before expensive
+    assert names[7] == "width-plain-w8-r00-05" and len(tasks) == len(config.chunks(sweep_store.BLOCK))
+    with pytest.raises(ValueError, match="sweep=values"):
+        sweep_store.parse_settings(["layers=1,2"])
