@@ -11,6 +11,10 @@ Vectors live in one flat coordinate system: the tensors of ``params`` in dict or
 row-major (:meth:`CurvatureOperator.flatten` / :meth:`CurvatureOperator.unflatten`); :mod:`helpers.influence`
 flattens per-sample gradients the same way.
 
+Memory is bounded by :func:`helpers.memory.budget` (``BOOK_MEMORY_GB``): :meth:`CurvatureOperator.matmat` (and so
+:meth:`CurvatureOperator.dense`) vmaps over as many columns at a time as fit in it, and an operator whose single
+product over all n rows would not fit sums its product over blocks of rows (:func:`hessian_operator`).
+
 :func:`extreme_eigenvalues` runs Lanczos (``scipy.sparse.linalg.eigsh``) on :meth:`CurvatureOperator.to_scipy`;
 :func:`spectrum_summary` reports the top and bottom eigenvalue (chapter 2's "how much negative curvature").
 """
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from helpers import memory
 from helpers.objective import LOSS_NAMES, LossName, Params, objective, per_sample_losses
 
 CurvatureKind = Literal["hessian", "gauss_newton"]
@@ -37,6 +42,12 @@ Which = Literal["LA", "SA", "LM"]
 LINEARIZE_AFTER = 20
 #: a matmat call with at least this many columns counts as a quarter call toward LINEARIZE_AFTER
 BATCHED = 4
+#: widest vmapped batch of a model's curvature products (measured, traced products, one thread: a small CNN on 300
+#: rows takes 8 ms per column in batches of 8, 16 ms in batches of 128; a 784-64-10 MLP on 4,000 rows 70 ms in batches
+#: of 4–16, 87 ms in batches of 64)
+MAX_VMAP_COLUMNS = 16
+#: :meth:`CurvatureOperator.dense` traces the product first when its d products would hold more than this all at once
+TRACE_DENSE_BYTES = 2**27
 
 __all__ = [
     "CurvatureOperator",
@@ -128,10 +139,22 @@ def check_problem(
             raise ValueError("weights hold non-finite values")
 
 
-def _check_finite_losses(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: LossName, what: str) -> None:
-    """One forward pass: a non-finite per-sample loss would silently poison every HVP downstream."""
-    with torch.no_grad():
-        losses = per_sample_losses(model, params, x, y, loss)
+def _check_finite_losses(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: LossName, what: str,
+                         rows: int | None = None) -> None:
+    """One forward pass (``rows`` at a time): a non-finite per-sample loss would silently poison every HVP
+    downstream."""
+    rows = x.shape[0] if rows is None else max(1, int(rows))
+    try:
+        with torch.no_grad():
+            losses = torch.cat([per_sample_losses(model, params, x[s : s + rows], y[s : s + rows], loss)
+                                for s in range(0, x.shape[0], rows)])
+    except (IndexError, RuntimeError) as err:  # a label past the model's classes, a feature count it cannot take
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"the model cannot compute the {what} losses ({type(err).__name__}: {first}): check that {what} y holds "
+            f"class indices 0 … C−1 for the model's C outputs and that {what} x {tuple(x.shape[1:])} has the features "
+            "the model was built for"
+        ) from None
     bad = torch.nonzero(~torch.isfinite(losses)).reshape(-1)
     if bad.numel():
         i = int(bad[0])
@@ -155,6 +178,9 @@ class CurvatureOperator:
         kind: ``"hessian"``, ``"gauss_newton"`` or ``"matrix"``.
         applications: how many operator–vector products have been computed so far (a cost counter the
             solvers report: one HVP ≈ two backward passes over the data).
+        product_bytes: estimated peak memory of one product (one column), 0 when negligible or unknown: sets how
+            many columns :meth:`matmat` vmaps at once (:func:`helpers.memory.chunk`).
+        row_blocks: the product is summed over this many blocks of rows (1: all rows at once).
 
     Units: second derivative of the objective (loss units per parameter²).
     """
@@ -179,6 +205,8 @@ class CurvatureOperator:
         self.kind = kind
         self.chunk_size = chunk_size
         self.applications = 0
+        self.product_bytes = 0.0
+        self.row_blocks = 1
         self._matrix = matrix
         self._calls = 0
         self._upgrade: Callable[[], Callable[[Tensor], Tensor]] | None = None  # a faster product, built lazily
@@ -266,8 +294,9 @@ class CurvatureOperator:
     def matmat(self, V: Tensor, chunk_size: int | None = None) -> Tensor:
         """H V for ``V`` of shape ``[d, k]`` → ``[d, k]``, vmapped over the k columns.
 
-        Cost: k HVPs in one batched call; memory grows with k — pass ``chunk_size`` (or set it on the operator)
-        to vmap over at most that many columns at a time.
+        Cost: k HVPs in batched calls; memory grows with the columns vmapped at once: ``chunk_size`` (or the
+        operator's ``chunk_size``) of them, by default as many as fit in :func:`helpers.memory.budget` at
+        ``product_bytes`` each (:meth:`column_chunk`).
         """
         self._check_vec(V, 2)
         self.applications += V.shape[1]
@@ -276,18 +305,37 @@ class CurvatureOperator:
         if self._matrix is not None:
             return self._matrix @ V
         chunk = chunk_size if chunk_size is not None else self.chunk_size
+        if chunk is None:
+            chunk = self.column_chunk(V.shape[1])
+            chunk = None if chunk >= V.shape[1] else chunk  # all at once: vmap's unchunked path, as before
         self._maybe_upgrade(V.shape[1])
         with torch.no_grad():
             return self._finite(vmap(self._apply, in_dims=1, out_dims=1, chunk_size=chunk)(V))
+
+    def column_chunk(self, k: int) -> int:
+        """How many of ``k`` columns :meth:`matmat` vmaps at once by default: all k when their products together
+        fit in :data:`TRACE_DENSE_BYTES` and in the budget (small models: one vmap, as fast as it gets); otherwise as
+        many as fit in :func:`helpers.memory.budget` at ``product_bytes`` each (at least one), and at most
+        :data:`MAX_VMAP_COLUMNS` (wider batches of a large model's products are no faster)."""
+        if not self.product_bytes or self.product_bytes * k <= min(TRACE_DENSE_BYTES, memory.budget()):
+            return int(k)
+        return min(MAX_VMAP_COLUMNS, memory.chunk(k, self.product_bytes))
 
     def dense(self, chunk_size: int | None = None) -> Tensor:
         """The full ``[d, d]`` matrix, column j = H e_j (H applied to the identity by :meth:`matmat`).
 
         Not symmetrised: autodiff gives H to rounding, and solvers that need exact symmetry symmetrise.
-        Cost: d HVPs and d² numbers — for small d only (last layers, logistic regression, tests).
+        Cost: d HVPs and d² numbers — for small d only (last layers, logistic regression, tests). The columns are
+        computed in chunks that fit the memory budget (:meth:`column_chunk`); whether the d² numbers themselves fit
+        is the caller's question (:func:`helpers.solvers.dense_fits`).
         """
         if self._matrix is not None:
             return self._matrix.clone()
+        # d products ahead: for a large assembly, build the traced product now if the operator has one (measured for
+        # a small CNN on 300 rows: 7 ms per column traced, 84 ms per column as a vmapped jvp — vmap batches
+        # convolutions poorly); a small one (Iris-sized models) stays on the plain product, cheaper than a trace
+        if self.product_bytes * self.dim > TRACE_DENSE_BYTES:
+            self.expect(self.dim)
         return self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device), chunk_size=chunk_size)
 
     def astype(self, dtype: torch.dtype) -> "CurvatureOperator":
@@ -367,6 +415,7 @@ def hessian_operator(
     kind: CurvatureKind = "hessian",
     chunk_size: int | None = None,
     linearize: bool | None = None,
+    row_block: int | None = None,
 ) -> CurvatureOperator:
     """The curvature of R(θ) = Σ_i w_i ℓ(z_i, θ) + (λ/2)‖θ‖² at ``params`` with respect to ``params``.
 
@@ -381,7 +430,12 @@ def hessian_operator(
             ``"gauss_newton"`` — G = Σ_i w_i J_iᵀ H_out,i J_i + λI with J_i the Jacobian of sample i's outputs and
             H_out the Hessian of the loss in the outputs (softmax: diag(p) − ppᵀ; mse: I), positive semi-definite
             (definite if λ > 0); applied as a jvp through the network, H_out, then a vjp.
-        chunk_size: default ``vmap`` chunk for :meth:`CurvatureOperator.matmat` (memory vs speed).
+        chunk_size: default ``vmap`` chunk for :meth:`CurvatureOperator.matmat` (memory vs speed); ``None``: as many
+            columns as fit in :func:`helpers.memory.budget`, at the product's measured size.
+        row_block: rows per block of the product (``None``: all n rows when one product over them fits in half the
+            budget, else as many as do). With more than one block the product is the sum of the blocks' products
+            (the same matrix: R is a sum over rows) and is never traced (``linearize`` is ignored: a trace keeps
+            every block's intermediates alive).
         linearize: ``True``: trace the forward-mode product once with :func:`torch.func.linearize` and replay it
             for every vector — the same numbers, measured 1.5–10× less CPU per product (most for single vectors
             and small models), for a one-off tracing cost of ~0.5 s and one product's intermediates (≈ one
@@ -395,21 +449,34 @@ def hessian_operator(
     Returns:
         A :class:`CurvatureOperator` of dimension d = Σ numel(params). Cost per product: about two passes
         (forward + backward) over all n samples for both kinds; construction costs one forward pass
-        (a finiteness check of the losses) and, for Gauss–Newton, one more (the linearisation point).
+        (a finiteness check of the losses), a measurement of the activations per row on a few rows
+        (:func:`helpers.memory.model_row_bytes`) and, for Gauss–Newton, one more forward pass (the linearisation
+        point; per product instead when the rows are blocked). Memory per product ≈
+        :data:`helpers.memory.HVP_FACTOR` × rows per block × activation bytes per row.
     """
     if kind not in ("hessian", "gauss_newton"):
         raise ValueError(f"unknown curvature kind {kind!r}: use 'hessian' or 'gauss_newton'")
     check_problem(model, params, x, y, weights=weights, loss=loss, what="train")
-    _check_finite_losses(model, params, x, y, loss, "train")
+    n = x.shape[0]
+    per_row = memory.HVP_FACTOR * _row_bytes(model, params, x, y, loss)
+    if row_block is None:
+        row_block = n if per_row * n <= memory.budget() / 2 else max(1, int(memory.budget() / 2 // per_row))
+    row_block = min(n, max(1, int(row_block)))
+    _check_finite_losses(model, params, x, y, loss, "train", rows=row_block)
     params = {k: v.detach() for k, v in params.items()}
     op = CurvatureOperator(lambda v: v, params, kind=kind, chunk_size=chunk_size)
-    plain, traced = _product(op, model, params, x, y, weights, float(l2), loss, kind)
-    if linearize is True:
-        op._apply = traced()
+    op.product_bytes = per_row * row_block
+    op.row_blocks = -(-n // row_block)
+    if op.row_blocks > 1:
+        op._apply = _blocked_product(op, model, params, x, y, weights, float(l2), loss, kind, row_block)
     else:
-        op._apply = plain
-        if linearize is None:
-            op._upgrade, op._upgrade_after = traced, LINEARIZE_AFTER
+        plain, traced = _product(op, model, params, x, y, weights, float(l2), loss, kind)
+        if linearize is True:
+            op._apply = traced()
+        else:
+            op._apply = plain
+            if linearize is None:
+                op._upgrade, op._upgrade_after = traced, LINEARIZE_AFTER
 
     def rebuild(dtype: torch.dtype) -> CurvatureOperator:
         # a cast copy of the module, so that its frozen parameters and buffers match the cast params (check_problem)
@@ -418,7 +485,8 @@ def hessian_operator(
         y_cast = y.to(dtype) if (loss == "mse" and y.is_floating_point()) else y
         w_cast = None if weights is None else weights.to(dtype)
         return hessian_operator(cast, {k: v.to(dtype) for k, v in params.items()}, x_cast, y_cast, weights=w_cast,
-                                l2=l2, loss=loss, kind=kind, chunk_size=chunk_size, linearize=linearize)
+                                l2=l2, loss=loss, kind=kind, chunk_size=chunk_size, linearize=linearize,
+                                row_block=row_block)
 
     op._rebuild = rebuild
     return op
@@ -468,6 +536,68 @@ def _product(
 
     plain_jv, trace_jv = _forward_mode(outputs_flat, theta)
     return gauss_newton_product(plain_jv), lambda: gauss_newton_product(trace_jv())
+
+
+def _row_bytes(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: LossName) -> float:
+    """Activation bytes per row (:func:`helpers.memory.model_row_bytes`); 0 (no chunking) if the measurement fails —
+    a model that autograd's saved-tensor hooks cannot see through still gets its products, unchunked."""
+    try:
+        return memory.model_row_bytes(model, params, x, y, loss)
+    except Exception:  # noqa: BLE001 - the measurement is an optimisation only
+        return 0.0
+
+
+def _blocked_product(
+    op: CurvatureOperator,
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    weights: Tensor | None,
+    l2: float,
+    loss: LossName,
+    kind: CurvatureKind,
+    rows: int,
+) -> Callable[[Tensor], Tensor]:
+    """v ↦ (curvature) v as a sum over blocks of ``rows`` rows: R = Σ_blocks Σ_{i∈block} w_i ℓ_i + (λ/2)‖θ‖², so
+    its Hessian (and Gauss–Newton matrix) is the sum of the blocks' plus λI. Memory: one block's product at a time.
+    Gauss–Newton recomputes each block's forward pass (its linearisation point) inside every product."""
+    theta = op.flatten(params)
+    n = x.shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=theta.dtype, device=theta.device) if weights is None else weights.to(theta)
+    starts = range(0, n, rows)
+
+    if kind == "hessian":
+
+        def block_grad(b: int) -> Callable[[Tensor], Tensor]:
+            xb, yb, wb = x[b : b + rows], y[b : b + rows], w[b : b + rows]
+            return grad(lambda flat: objective(model, op.unflatten(flat), xb, yb, weights=wb, l2=0.0, loss=loss))
+
+        def hvp(v: Tensor) -> Tensor:
+            out = l2 * v
+            for b in starts:
+                out = out + jvp(block_grad(b), (theta,), (v,))[1]
+            return out
+
+        return hvp
+
+    def gnvp(v: Tensor) -> Tensor:
+        out = l2 * v
+        for b in starts:
+            xb, wb = x[b : b + rows], w[b : b + rows]
+
+            def outputs_flat(flat: Tensor, xb: Tensor = xb) -> Tensor:
+                return functional_call(model, op.unflatten(flat), (xb,))
+
+            outputs, pullback = vjp(outputs_flat, theta)
+            jv = jvp(outputs_flat, (theta,), (v,))[1]
+            if loss == "cross_entropy":
+                probs = torch.softmax(outputs.detach(), dim=-1)
+                jv = probs * jv - probs * (probs * jv).sum(dim=-1, keepdim=True)
+            out = out + pullback(wb.view(-1, *([1] * (outputs.dim() - 1))) * jv)[0]
+        return out
+
+    return gnvp
 
 
 def _forward_mode(

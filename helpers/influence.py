@@ -15,12 +15,13 @@ then changes by ∇ℓ(z_test, θ̂)ᵀ Δθ_i.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
+from helpers import memory
 from helpers.curvature import CurvatureKind, check_problem, hessian_operator
 from helpers.objective import LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
@@ -40,7 +41,9 @@ def per_sample_grads(
 
     The loss gradient only — no L2 term and no weight w_i (those belong to the objective and its Hessian).
     Computed as ``vmap(grad(ℓ))`` over the rows, never a Python loop. Cost: about one batched backward pass;
-    memory n·d numbers plus vmap's per-sample activations (bound it with ``chunk_size`` rows at a time).
+    memory 2·n·d numbers (the result and its per-tensor parts) plus vmap's per-sample activations for
+    ``chunk_size`` rows at a time — by default as many rows as fit in :func:`helpers.memory.budget` next to the
+    result (activations measured by :func:`helpers.memory.model_row_bytes`).
 
     Raises:
         ValueError / TypeError for bad inputs (see :func:`helpers.curvature.check_problem`), and ValueError naming
@@ -53,6 +56,9 @@ def per_sample_grads(
         # a batch of one, so that the model sees the [batch, ...] shapes it was written for
         return per_sample_losses(model, p, xi.unsqueeze(0), yi.unsqueeze(0), loss)[0]
 
+    if chunk_size is None:
+        chunk_size = _row_chunk(model, params, x, y, loss, memory.GRAD_FACTOR,
+                                reserve=2 * x.shape[0] * sum(p.numel() for p in params.values()) * x.element_size())
     with torch.no_grad():  # grad still differentiates in `params`; the module's own tensors stay untracked
         grads = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
     flat = torch.cat([grads[name].reshape(x.shape[0], -1) for name in params], dim=1)
@@ -83,8 +89,9 @@ def directional_derivatives(
 
     ``V`` is ``[d, k]`` in the flat ``params``-dict order (as :func:`per_sample_grads`' columns). Computed as k
     forward-mode derivatives of the per-sample losses along v_j (``vmap`` of ``jvp``): cost about k forward passes
-    with tangents over the n rows (``chunk_size`` columns at a time bounds memory), memory k·n plus activations
-    — never the [n, d] gradient matrix, which for an MLP on a few thousand points is gigabytes.
+    with tangents over the n rows, memory k·n plus the activations of ``chunk_size`` columns at a time — by default
+    as many as fit in :func:`helpers.memory.budget` (and, where one column over all n rows would not, the rows in
+    blocks that do) — never the [n, d] gradient matrix, which for an MLP on a few thousand points is gigabytes.
 
     Raises:
         ValueError naming the first row whose derivative is non-finite (as :func:`per_sample_grads` does).
@@ -106,14 +113,25 @@ def directional_derivatives(
 
     theta = torch.cat([p.reshape(-1) for p in params.values()])
 
-    def losses(flat: Tensor) -> Tensor:
-        return per_sample_losses(model, unflat(flat), x, y, loss)
+    n = x.shape[0]
+    rows, auto_chunk = n, None
+    if chunk_size is None:
+        per_row = memory.JVP_FACTOR * _measured_row_bytes(model, params, x, y, loss)
+        if per_row * n > memory.budget():
+            rows = max(1, int(memory.budget() // per_row))
+        auto_chunk = memory.chunk(V.shape[1], per_row * rows)
+        auto_chunk = None if auto_chunk >= V.shape[1] else auto_chunk
 
-    def along(v: Tensor) -> Tensor:
-        return jvp(losses, (theta,), (v,))[1]
+    def along_rows(xb: Tensor, yb: Tensor) -> Callable[[Tensor], Tensor]:
+        def losses(flat: Tensor) -> Tensor:
+            return per_sample_losses(model, unflat(flat), xb, yb, loss)
+
+        return lambda v: jvp(losses, (theta,), (v,))[1]
 
     with torch.no_grad():  # jvp differentiates in θ only; the module's own tensors stay untracked
-        out = vmap(along, in_dims=1, chunk_size=chunk_size)(V)  # [k, n]
+        out = torch.cat([vmap(along_rows(x[s : s + rows], y[s : s + rows]), in_dims=1,
+                              chunk_size=chunk_size if chunk_size is not None else auto_chunk)(V)
+                         for s in range(0, n, rows)], dim=1)  # [k, n]
     finite = torch.isfinite(out.sum(dim=0))
     if not bool(finite.all()):
         i = int(torch.nonzero(~finite)[0])
@@ -122,6 +140,23 @@ def directional_derivatives(
             "row's features and label and the model's weights"
         )
     return out
+
+
+def _measured_row_bytes(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: LossName) -> float:
+    """Activation bytes per row (:func:`helpers.memory.model_row_bytes`), 0 (no chunking) if it cannot be measured."""
+    try:
+        return memory.model_row_bytes(model, params, x, y, loss)
+    except Exception:  # noqa: BLE001 - the measurement is an optimisation only
+        return 0.0
+
+
+def _row_chunk(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: LossName, factor: float,
+               reserve: float = 0.0) -> int | None:
+    """Rows per vmapped call so that ``factor`` × their activations fit in the budget next to ``reserve`` bytes;
+    None (one call, vmap's unchunked path) when all rows fit."""
+    per_row = factor * _measured_row_bytes(model, params, x, y, loss)
+    rows = memory.chunk(x.shape[0], per_row, reserve=reserve)
+    return None if rows >= x.shape[0] else rows
 
 
 @dataclass
@@ -191,7 +226,7 @@ def predict_removal(
     weights: Tensor | None = None,
     loss: LossName = "cross_entropy",
     method: Method = "exact",
-    damping: float = 0.0,
+    damping: float | str = 0.0,
     hessian: CurvatureKind = "hessian",
     include_l2_in_hessian: bool = True,
     **solver_options: Any,
@@ -204,7 +239,8 @@ def predict_removal(
 
     Args:
         train, test: ``(x, y)`` pairs. l2: λ of the training objective. loss: ``"cross_entropy"`` | ``"mse"``.
-        method, damping, solver_options: passed to :func:`helpers.solvers.solve`.
+        method, damping, solver_options: passed to :func:`helpers.solvers.solve` (``damping="auto"``: δ from the
+            spectrum of H, :func:`helpers.solvers.auto_damping`; the δ used is ``InfluenceResult.damping``).
         hessian: ``"hessian"`` (exact) or ``"gauss_newton"``.
         include_l2_in_hessian: ``False`` reproduces the seed paper's last-layer Hessian without λI
             (STUDY.md §3 item 5: exactly singular — pair it with ``method="pinv"``).
@@ -226,7 +262,7 @@ def predict_removal(
         values=values,
         solve=result,
         param_names=list(P),
-        damping=float(damping),
+        damping=float(result.damping),
         hessian=hessian,
         l2_in_hessian=l2_h,
     )
@@ -241,7 +277,7 @@ def predict_param_change(
     weights: Tensor | None = None,
     loss: LossName = "cross_entropy",
     method: Method = "exact",
-    damping: float = 0.0,
+    damping: float | str = 0.0,
     hessian: CurvatureKind = "hessian",
     include_l2_in_hessian: bool = True,
     return_solve: bool = False,

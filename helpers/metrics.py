@@ -7,7 +7,8 @@ NaN or infinity, and, for the correlations, a constant input (its correlation is
 NaN with a warning).
 
 * :func:`pearson`, :func:`spearman`, :func:`kendall` (τ-b): ``scipy.stats.pearsonr / spearmanr / kendalltau``.
-* :func:`sign_agreement`, :func:`top_k_overlap`, :func:`relative_error`: elementary, defined below.
+* :func:`sign_agreement`, :func:`top_k_overlap`, :func:`relative_error`: elementary, defined below;
+  :func:`slope`: the fitted slope of estimate on truth (``scipy.stats.linregress``).
 * :func:`rank_resolution`: how far apart neighbouring values are, against :func:`pointwise_error`: how wrong an
   estimate is per point — when the second exceeds the first, a rank correlation must fall short of 1.
 * :func:`bootstrap_ci`: paired bootstrap intervals (BCa by default) from ``scipy.stats.bootstrap``.
@@ -108,6 +109,15 @@ def relative_error(pred: ArrayLike, true: ArrayLike) -> float:
     if norm == 0:
         raise ValueError("true is all zeros: the relative error is undefined; report the absolute error instead")
     return float(np.linalg.norm(x - y) / norm)
+
+
+def slope(pred: ArrayLike, true: ArrayLike) -> float:
+    """The least-squares slope of ``pred`` on ``true`` (``scipy.stats.linregress(true, pred).slope``, intercept
+    fitted): 1 when the estimate has the truth's scale, 2.5 for an estimate 2.5 times too large — the value measure a
+    rank correlation cannot see. Raises ValueError for a constant ``true``. O(n)."""
+    x, y = _pair(pred, true, ("pred", "true"))
+    _non_constant((y, "true"))
+    return float(st.linregress(y, x).slope)
 
 
 def pointwise_error(pred: ArrayLike, true: ArrayLike) -> float:

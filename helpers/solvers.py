@@ -10,7 +10,9 @@ Methods (``method=``):
 
 * ``"exact"``: dense H from d HVPs, Cholesky; a matrix that is not positive definite raises
   :class:`IndefiniteHessianError` / :class:`SingularHessianError` naming the smallest eigenvalue, unless
-  ``fallback="eig"``, which solves through the eigendecomposition instead and reports negative curvature.
+  ``fallback="eig"``, which solves through the eigendecomposition instead and reports negative curvature. Where the
+  dense matrix would not fit in the memory budget (:func:`dense_fits`, ``BOOK_MEMORY_GB``) it solves by CG instead
+  and says so (``SolveResult.method == "cg"``, ``info["fallback"]``).
 * ``"pinv"``: the pseudo-inverse of H + δI through its eigendecomposition, eigenvalues below a relative cutoff
   treated as zero — the minimum-norm solution for right-hand sides in the range (STUDY.md §3 item 5: the exactly
   singular last-layer Hessian).
@@ -20,29 +22,90 @@ Methods (``method=``):
 * ``"lissa"``: the truncated stochastic Neumann series of Agarwal et al. (2017) / Koh & Liang (2017).
 * ``"arnoldi"``: low rank, after Schioppa et al. (2022): the top-``rank`` eigenpairs by Lanczos, then
   X = V diag(1/(λ + δ)) Vᵀ B.
+
+Damping is explicit: a number δ ≥ 0, or ``damping="auto"``, which derives δ from the spectrum of H by the rule of
+:func:`auto_damping` (zero when H is safely positive definite) and reports it (``SolveResult.damping``, with the
+eigenvalues it was derived from in ``info``).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
-from helpers.curvature import LINEARIZE_AFTER, CurvatureOperator, extreme_eigenvalues
+from helpers import memory
+from helpers.curvature import LINEARIZE_AFTER, CurvatureOperator, extreme_eigenvalues, lanczos_ritz
 
 Method = Literal["exact", "pinv", "cg", "lissa", "arnoldi"]
 
 __all__ = [
+    "AUTO_RCOND",
     "IndefiniteHessianError",
     "NotPositiveDefiniteError",
     "SingularHessianError",
     "SolveResult",
+    "auto_damping",
+    "dense_bytes",
+    "dense_fits",
     "relative_residual",
     "solve",
 ]
+
+#: ``damping="auto"``: the smallest eigenvalue of H + δI is lifted to at least this fraction of the largest, i.e. a
+#: condition number of at most 10⁶ — far above float64 round-off (1e-16), far below anything that biases values.
+AUTO_RCOND = 1e-6
+#: ``damping="auto"`` when H is not assembled densely: the extremes are the Ritz values of this many Lanczos steps.
+AUTO_KRYLOV = 40
+#: d×d matrices alive at once in a dense solve: the assembled columns and the identity they are applied to, the
+#: symmetrised copy, H + δI and its Cholesky factor (eigh's workspace counts as one more where it runs instead)
+DENSE_COPIES = 5
+
+
+def auto_damping(smallest: float, largest: float, rcond: float = AUTO_RCOND) -> float:
+    """The damping δ that ``damping="auto"`` derives from the extreme eigenvalues λ_min ≤ λ_max of H.
+
+    With s = max(|λ_max|, |λ_min|) (the spectrum's scale):
+
+    * λ_min ≥ rcond · s — H is positive definite with a condition number of at most 1/rcond: **δ = 0**. The
+      estimate inverts H itself, so damping adds no bias (the book's default damping of 0.01 used to exceed λ_min
+      of small models trained with L2 = 0.01, which shrank every estimate);
+    * 0 ≤ λ_min < rcond · s — H is singular or nearly so: δ = rcond · s − λ_min, the least damping that brings the
+      condition number down to 1/rcond;
+    * λ_min < 0 — θ̂ is not a minimum: δ = 2|λ_min| + rcond · s, which maps the most negative eigenvalue onto
+      |λ_min| (+ the floor), as far from zero as it was; H + δI is positive definite and the directions of negative
+      curvature are damped, not inverted. Those values are biased, and the caller should say so.
+
+    Returns δ ≥ 0. Raises ValueError for non-finite or unordered eigenvalues.
+    """
+    lo, hi = float(smallest), float(largest)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"need finite eigenvalues smallest <= largest, got {lo} and {hi}")
+    if not 0 < rcond < 1:
+        raise ValueError(f"rcond must lie in (0, 1), got {rcond}")
+    scale = max(abs(hi), abs(lo))
+    if scale == 0:
+        raise ValueError("H is zero: no damping makes (H + δI)⁻¹ an influence estimate; check the model and data")
+    floor = rcond * scale
+    if lo >= floor:
+        return 0.0
+    if lo >= 0:
+        return floor - lo
+    return 2.0 * abs(lo) + floor
+
+
+def dense_bytes(d: int, dtype: torch.dtype = torch.float64) -> int:
+    """Bytes a dense solve over d parameters holds at its peak (:data:`DENSE_COPIES` d×d matrices)."""
+    return int(DENSE_COPIES * int(d) ** 2 * torch.finfo(dtype).bits // 8)
+
+
+def dense_fits(d: int, dtype: torch.dtype = torch.float64) -> bool:
+    """Whether the exact (dense) solve over d parameters fits in :func:`helpers.memory.budget`."""
+    return dense_bytes(d, dtype) <= memory.budget()
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -676,6 +739,28 @@ _SOLVERS: dict[str, Callable[..., tuple[Tensor, int, dict[str, Any], str]]] = {
 }
 
 
+def _auto_damping(op: CurvatureOperator, method: str, seed: int) -> tuple[CurvatureOperator, float, dict[str, Any]]:
+    """δ for ``damping="auto"`` (:func:`auto_damping`) and where its eigenvalues came from.
+
+    Dense methods (``exact``, ``pinv``) take λ_min, λ_max from ``eigvalsh`` of the dense H they need anyway, and
+    solve with that matrix (returned as an operator, so it is assembled once); the others from the Ritz values of
+    :data:`AUTO_KRYLOV` Lanczos steps (:func:`helpers.curvature.lanczos_ritz`), which bound λ_max from below and
+    λ_min from above — negative curvature the Krylov space misses goes undamped, and the residual will show it.
+    """
+    if method in ("exact", "pinv"):
+        H = _symmetric_dense(op)
+        vals = torch.linalg.eigvalsh(H)
+        lo, hi = float(vals[0]), float(vals[-1])
+        source, solve_op = "dense eigvalsh", CurvatureOperator.from_matrix(H)
+    else:
+        ritz, _ = lanczos_ritz(op, min(op.dim, AUTO_KRYLOV), seed=seed)
+        lo, hi = float(ritz[0]), float(ritz[-1])
+        source, solve_op = f"Ritz values of {min(op.dim, AUTO_KRYLOV)} Lanczos steps", op
+    delta = auto_damping(lo, hi)
+    info = {"damping_rule": "auto", "eigenvalue_min": lo, "eigenvalue_max": hi, "spectrum_from": source}
+    return solve_op, delta, info
+
+
 def _options_of(fn: Callable[..., Any]) -> list[str]:
     return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -695,7 +780,9 @@ def solve(
             :func:`~helpers.curvature.hessian_operator`) or a dense symmetric ``[d, d]`` tensor.
         B: ``[d]`` or ``[d, k]``, same dtype/device as ``op``, finite.
         method: ``"exact"``, ``"pinv"``, ``"cg"``, ``"lissa"`` or ``"arnoldi"`` (module docstring).
-        damping: δ ≥ 0, added as δI for every method (never folded into the L2 coefficient).
+        damping: δ ≥ 0, added as δI for every method (never folded into the L2 coefficient); or ``"auto"``: δ from
+            the spectrum of H by :func:`auto_damping` (``SolveResult.damping`` is the δ used; ``info`` holds
+            ``eigenvalue_min``, ``eigenvalue_max`` and ``spectrum_from``).
         **options: per method —
             exact: ``fallback=None|"eig"``, ``rcond`` (relative eigenvalue cutoff; default 100·d·eps);
             pinv: ``rcond``;
@@ -710,12 +797,15 @@ def solve(
             ``krylov_dim`` (one Krylov space of that dimension, no restarts: a fixed cost).
 
     Returns:
-        :class:`SolveResult` with ``x`` shaped like ``B`` and the true relative residual per column.
+        :class:`SolveResult` with ``x`` shaped like ``B`` and the true relative residual per column. With
+        ``method="exact"`` over more parameters than :func:`dense_fits` allows, the solve is CG
+        (``rtol=1e-10``) and ``method`` / ``info["fallback"]`` say so.
 
     Raises:
         IndefiniteHessianError / SingularHessianError: ``method="exact"`` on a matrix that is not positive
             definite (the message names the smallest eigenvalue and the damping that would fix it).
         ValueError / TypeError: bad shapes, dtypes, damping or options; FloatingPointError: a non-finite answer.
+        MemoryError: ``method="pinv"`` over more parameters than :func:`dense_fits` allows.
     """
     if isinstance(op, Tensor):
         op = CurvatureOperator.from_matrix(op)
@@ -726,9 +816,13 @@ def solve(
     bad = [k for k in options if k not in allowed]
     if bad:
         raise TypeError(f"method={method!r} takes no option(s) {bad}; its options are {allowed}")
-    damping = float(damping)
-    if not damping >= 0.0 or damping == float("inf"):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    auto = isinstance(damping, str)
+    if auto and damping != "auto":
+        raise ValueError(f"damping must be a number >= 0 or 'auto', got {damping!r}")
+    if not auto:
+        damping = float(damping)
+        if not damping >= 0.0 or damping == float("inf"):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
     if not isinstance(B, Tensor) or B.dim() not in (1, 2) or B.shape[0] != op.dim:
         got = tuple(B.shape) if isinstance(B, Tensor) else type(B).__name__
         raise ValueError(f"B must have shape [{op.dim}] or [{op.dim}, k], got {got}")
@@ -739,7 +833,24 @@ def solve(
     vector = B.dim() == 1
     B2 = B[:, None] if vector else B
     start = op.applications
-    X, iterations, info, used = fn(op, B2, damping, **options)
+    pre: dict[str, Any] = {}
+    dense = op._matrix is not None or dense_fits(op.dim, op.dtype)
+    if method == "exact" and not dense:
+        # the d×d matrix would not fit: CG to the exact solver's precision, and the result says so
+        pre["fallback"] = (f"exact → cg: the dense H over d = {op.dim:,} parameters would take "
+                           f"{memory.gb(dense_bytes(op.dim, op.dtype))}, over the memory budget of "
+                           f"{memory.gb(memory.budget())} ({memory.ENV})")
+        method, fn, options = "cg", _cg, {}
+    elif method == "pinv" and not dense:
+        raise MemoryError(f"method='pinv' needs the dense H over d = {op.dim:,} parameters "
+                          f"({memory.gb(dense_bytes(op.dim, op.dtype))}), over the memory budget of "
+                          f"{memory.gb(memory.budget())}: raise {memory.ENV}, or use method='cg' with damping > 0")
+    solve_op = op
+    if auto:
+        solve_op, damping, spectrum = _auto_damping(op, method, options.get("seed", 0))
+        pre |= spectrum
+    X, iterations, info, used = fn(solve_op, B2, damping, **options)
+    info = pre | info
     info["hvps"] = op.applications - start
     # a method that ended by computing B − (H + δI)X with the operator at the X it returns (the mixed-precision
     # refinement's stopping test) hands that residual over: the same numbers, without k more products

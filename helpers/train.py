@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
+from helpers import memory
 from helpers.objective import LOSS_NAMES, Params, objective, param_names
 
 OptimizerName = Literal["newton", "lbfgs", "adam", "sgd"]
@@ -590,9 +591,10 @@ def fit_ensemble(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weig
     Returns:
         :class:`EnsembleResult` (stacked params ``[k, ...]``).
 
-    Cost: one vmapped forward/backward over k members per step — memory k × (parameters + activations).
-    Newton: k dense Hessians, processed in chunks of at most 256 MB. L-BFGS has no batched form here: its
-    members run one after another.
+    Cost: one vmapped forward/backward over k members per step — memory k × (parameters + activations), the
+    members vmapped in chunks that fit :func:`helpers.memory.budget` (:func:`member_chunk`; all at once when they
+    fit, which leaves the numbers exactly as before). Newton: k dense Hessians, processed in chunks of at most
+    256 MB. L-BFGS has no batched form here: its members run one after another.
     """
     x, y = _cast_data(x, y, recipe)
     single_init = inits is not None and _is_single(model, inits)
@@ -711,7 +713,8 @@ def floor_bound(recipe: Recipe, epochs_run: np.ndarray | int, lr_floor: np.ndarr
     return adam_step_bound(recipe.betas) * np.asarray(lr_floor, dtype=np.float64) * remaining
 
 
-def _batched_call(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: Any) -> tuple[dict[str, Tensor], Tensor]:
+def _batched_call(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: Any, chunk: int | None = None
+                  ) -> tuple[dict[str, Tensor], Tensor]:
     """``fn(params, aux, *rest)`` of a vmapped member function, never on a batch of one member.
 
     torch takes another kernel path for a batch of one (e.g. ``mm`` for ``bmm``); a lone member (an ensemble of
@@ -719,11 +722,57 @@ def _batched_call(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: An
     that every step runs on the batched path. Batched kernels still block differently for different batch
     sizes, so in float32 a member's trajectory depends on its ensemble: the ensemble, not the member, is the
     unit of exact recomputation (:meth:`helpers.sweeps.IrisSweepConfig.chunks`).
+
+    ``chunk``: at most that many members per call (:func:`member_chunk`; None: all at once), results concatenated.
     """
-    if _k_of(params) != 1:
+    k = _k_of(params)
+    if chunk is not None and k > chunk:
+        parts = [_batched_call(fn, {n: v[s:s + chunk] for n, v in params.items()},
+                               tuple(a[s:s + chunk] for a in aux), *rest) for s in range(0, k, chunk)]
+        return {n: torch.cat([g[n] for g, _ in parts]) for n in parts[0][0]}, torch.cat([v for _, v in parts])
+    if k != 1:
         return fn(params, aux, *rest)
     g, val = fn({k: torch.cat([v, v]) for k, v in params.items()}, tuple(torch.cat([a, a]) for a in aux), *rest)
     return {k: v[:1] for k, v in g.items()}, val[:1]
+
+
+def call_in_chunks(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: Any, chunk: int | None = None
+                   ) -> tuple[dict[str, Tensor], Tensor]:
+    """A vmapped member function ``fn(params, aux, *rest)`` (e.g. ``vmap(grad_and_value(member_objective))``) on
+    the stacked members ``[k, ...]``, at most ``chunk`` members per call (:func:`member_chunk`), never a batch of
+    one: ``(gradients {name: [k, ...]}, values [k])``, as one call would give them. Members are independent, so
+    the chunks change the memory, not the numbers (up to the blocking of batched kernels: see
+    :func:`_batched_call`)."""
+    return _batched_call(fn, params, aux, *rest, chunk=chunk)
+
+
+def member_chunk(member_objective: MemberObjective, start: dict[str, Tensor], aux: tuple, x: Tensor, y: Tensor,
+                 batch_rows: int | None = None) -> int | None:
+    """Members per vmapped call of ``grad_and_value(member_objective)`` on batches of ``batch_rows`` rows (None: all
+    n) so that their activations fit in :func:`helpers.memory.budget`; None when all k members fit at once.
+
+    One member's activation bytes per row are measured on a few rows (:func:`helpers.memory.row_bytes`, the
+    objective called with ``idx = arange(m)``), times :data:`helpers.memory.GRAD_FACTOR`, plus its parameters,
+    gradients and optimizer state (five copies). If the measurement fails (an objective that cannot be called on a
+    few rows) the ensemble runs unchunked, as before.
+    """
+    k, n = _k_of(start), x.shape[0]
+    rows = n if batch_rows is None else min(n, int(batch_rows))
+    one = {name: v[0].detach() for name, v in start.items()}
+    aux_one = tuple(a[0] for a in aux)
+    try:
+        leaves = {name: v.clone().requires_grad_(True) for name, v in one.items()}
+
+        def loss_of_rows(xr: Tensor, yr: Tensor) -> Tensor:
+            idx = torch.arange(xr.shape[0], device=xr.device)
+            return member_objective(leaves, aux_one, xr, yr, idx, 1.0)
+
+        per_row = memory.row_bytes(loss_of_rows, x, y)
+    except Exception:  # noqa: BLE001 - the measurement is an optimisation only
+        return None
+    state = 5 * sum(v.numel() * v.element_size() for v in one.values())
+    c = memory.chunk(k, memory.GRAD_FACTOR * per_row * rows + state)
+    return None if c >= k else c
 
 
 def _k_of(start: dict[str, Tensor]) -> int:
@@ -783,13 +832,16 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
     epochs_run = torch.full((k,), recipe.epochs, dtype=torch.long, device=dev)
     floor_epoch = torch.full((k,), -1, dtype=torch.long, device=dev)
     bar = _progress(recipe.epochs, progress, f"ensemble of {k} ({recipe.optimizer})")
+    # members per vmapped call, within the memory budget (None: all at once); the last call's on the full data
+    chunk = member_chunk(member_objective, start, aux, x, y, recipe.batch_size)
+    final_chunk = chunk if recipe.batch_size is None else member_chunk(member_objective, start, aux, x, y)
     for epoch in range(recipe.epochs):
         if recipe.schedule in ("cosine", "step"):
             lr.fill_(_scheduled_lr(recipe, epoch))
         epoch_loss = torch.zeros(len(alive), dtype=torch.float64, device=dev)
         for idx, scale in _batches(n, recipe, gen, dev):
             xb, yb = (x, y) if idx is None else (x[idx], y[idx])
-            g, val = _batched_call(vg, params, aux, xb, yb, idx, scale)
+            g, val = _batched_call(vg, params, aux, xb, yb, idx, scale, chunk=chunk)
             _check_finite(val, g, f"epoch {epoch}", recipe)
             step += 1
             with torch.no_grad():
@@ -886,7 +938,7 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
         aux = original_aux
     final = swa if swa is not None else params
     g, val = _batched_call(vmap(grad_and_value(member_objective), in_dims=(0, 0, None, None, None, None)),
-                           final, aux, x, y, None, 1.0)
+                           final, aux, x, y, None, 1.0, chunk=final_chunk)
     _check_finite(val, g, "the end of training", recipe)
     gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
     return EnsembleResult(final, val.detach().double().cpu().numpy(), gn.double().cpu().numpy(),

@@ -42,7 +42,7 @@ from helpers.influence import per_sample_grads, predict_removal
 from helpers.models import logistic_regression
 from helpers.objective import param_names, per_sample_losses, removal_weights
 from helpers.retrain import GroundTruth
-from helpers.train import Recipe, fit, fit_ensemble, model_with, weighted_objective
+from helpers.train import Recipe, call_in_chunks, fit, fit_ensemble, member_chunk, model_with, weighted_objective
 
 Data = tuple[Tensor, Tensor]
 Rule = Literal["loss", "estimate", "random"]
@@ -227,7 +227,7 @@ class Problem:
 
 
 def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test: Data, *, params: str = "all",
-                 damping: float = 0.0, gn_damping: float = 0.0, seed: int = 0, head_tol: float | None = None,
+                 damping: float | str = 0.0, gn_damping: float = 0.0, seed: int = 0, head_tol: float | None = None,
                  raise_damping: bool = False, cache: bool = True) -> Problem:
     """Train θ̂ (``fit(recipe, model, *train, cache=cache)``), pick the test points, compute both estimates.
 
@@ -236,6 +236,11 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
     of the parameters it differentiates). The refit layer is written back into the model (in the model's dtype)
     and the head keeps its float64 values. ``info`` records the head's gradient norm before and after
     (``head_grad_norm_before``, ``head_grad_norm``) whether or not it is refit.
+
+    ``damping="auto"``: δ from the spectrum of H (:func:`helpers.solvers.auto_damping`: 0 where H is safely
+    positive definite); ``info`` then holds the eigenvalues it came from (``damping_eig_min``, ``damping_eig_max``,
+    ``damping_eig_dense``: 1 when from the dense H, 0 from Lanczos). ``info["solver_fallback"]`` is 1 where the dense
+    H would not fit the memory budget and the exact solve ran as CG (:func:`helpers.solvers.solve`).
 
     ``raise_damping``: where the exact Hessian (computed for estimates of ≤ 500 parameters) has a smallest
     eigenvalue λ_min < 0 with ``damping`` ≤ −λ_min, use δ = 2·|λ_min| instead (H + δI then has smallest eigenvalue
@@ -283,8 +288,9 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
     def estimates() -> dict[str, Any]:
         out: dict[str, Any] = {}
         d = sum(v.numel() for v in target.parameters())
-        delta = float(damping)
-        if d <= 500:  # the curvature the estimate inverts: is θ̂ a minimum of it? (small d only)
+        delta = damping if damping == "auto" else float(damping)  # "auto": helpers.solvers.auto_damping
+        if d <= 500 and delta != "auto":  # the curvature the estimate inverts: is θ̂ a minimum of it? (small d only;
+            # "auto" damping reads the same spectrum from the dense H of its solve, below)
             from helpers.curvature import hessian_operator
 
             P = {k: v.detach() for k, v in target.named_parameters()}
@@ -296,7 +302,16 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
         est_gn = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=gn_damping,
                                  hessian="gauss_newton")
         out |= {"H": est.values.detach().double().numpy(), "GN": est_gn.values.detach().double().numpy(),
-                "d": int(est.solve.x.shape[0]), "residual": float(est.solve.relative_residual.max()), "damping": delta}
+                "d": int(est.solve.x.shape[0]), "residual": float(est.solve.relative_residual.max()),
+                "damping": float(est.damping)}
+        # what the solve did: CG where the dense H would not fit the memory budget; the spectrum "auto" damping used
+        out["solver_fallback"] = float("fallback" in est.solve.info)
+        if "eigenvalue_min" in est.solve.info:
+            out |= {"damping_eig_min": float(est.solve.info["eigenvalue_min"]),
+                    "damping_eig_max": float(est.solve.info["eigenvalue_max"]),
+                    "damping_eig_dense": float(est.solve.info["spectrum_from"] == "dense eigvalsh")}
+            if out["damping_eig_dense"] and d <= 500:
+                out |= {"hessian_min_eig": out["damping_eig_min"], "hessian_max_eig": out["damping_eig_max"]}
         return out
 
     key = {"model": target, "train": list(tr), "test": list(te), "l2": recipe.weight_decay, "damping": damping,
@@ -309,7 +324,8 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
     info |= {f"test_position_{r}": float(picks[r]) for r in TEST_RULES}
     info |= {"head_grad_norm_before": head_before,
              "head_grad_norm": _head_grad_norm_of(head, htrain, recipe.weight_decay)}
-    info |= {k: ests[k] for k in ("hessian_min_eig", "hessian_max_eig") if k in ests}
+    info |= {k: ests[k] for k in ("hessian_min_eig", "hessian_max_eig", "solver_fallback", "damping_eig_min",
+                                  "damping_eig_max", "damping_eig_dense") if k in ests}
     return Problem(name=name, model=trained, recipe=recipe, train=(train[0].to(recipe.torch_dtype), train[1]),
                    test=chosen, test_names=list(TEST_RULES), params=params, damping=float(ests.get("damping", damping)),
                    gn_damping=float(gn_damping), estimate=ests["H"], estimate_gn=ests["GN"],
@@ -760,6 +776,7 @@ def warm_trajectory(model: nn.Module, theta_hat: dict[str, Tensor] | None, train
                    .requires_grad_(True) for nm in names}
         member = weighted_objective(work, recipe)
         vg = vmap(grad_and_value(member), in_dims=(0, 0, None, None, None, None))
+        chunk = member_chunk(member, stacked, (w,), xc, yc, recipe.batch_size)  # members per call: memory budget
         test_loss = vmap(lambda p: per_sample_losses(work, p, xt, yt, recipe.loss))
         leaves = list(stacked.values())
         if recipe.optimizer == "adam":
@@ -780,7 +797,8 @@ def warm_trajectory(model: nn.Module, theta_hat: dict[str, Tensor] | None, train
         for epoch in range(1, recipe.epochs + 1):
             for idx, scale in _batch_indices(n, recipe, gen):
                 xb, yb = (xc, yc) if idx is None else (xc[idx], yc[idx])
-                g, val = vg({nm: v.detach() for nm, v in stacked.items()}, (w,), xb, yb, idx, scale)
+                g, val = call_in_chunks(vg, {nm: v.detach() for nm, v in stacked.items()}, (w,), xb, yb, idx, scale,
+                                        chunk=chunk)
                 if not bool(torch.isfinite(val).all()):
                     raise FloatingPointError(f"non-finite training loss at epoch {epoch}: lower the learning "
                                              f"rate {recipe.lr} or use float64")
@@ -789,7 +807,8 @@ def warm_trajectory(model: nn.Module, theta_hat: dict[str, Tensor] | None, train
                 opt.step()
             if epoch in marks:
                 record(epoch)
-        g, _ = vg({nm: v.detach() for nm, v in stacked.items()}, (w,), xc, yc, None, 1.0)
+        g, _ = call_in_chunks(vg, {nm: v.detach() for nm, v in stacked.items()}, (w,), xc, yc, None, 1.0,
+                              chunk=member_chunk(member, stacked, (w,), xc, yc))
         gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
         losses = torch.stack(rec).numpy()  # [c, k, n_test]
         # The reference comes from the same kernel (epoch 0, drift member): a member that never moves has Δ = 0.

@@ -279,3 +279,61 @@ def test_expect_traces_the_product_up_front_for_long_runs():
     assert torch.allclose(vecs.T @ vecs, torch.eye(vecs.shape[1], dtype=DT), atol=1e-12)
     assert float(vals.min()) >= float(ev[0]) - 1e-10 and float(vals.max()) <= float(ev[-1]) + 1e-10
     assert abs(float(vals.max()) - float(ev[-1])) < 1e-6 * abs(float(ev[-1]))
+
+
+@pytest.mark.parametrize("kind, loss, weighted", [("hessian", "cross_entropy", True), ("hessian", "mse", False),
+                                                  ("gauss_newton", "cross_entropy", False),
+                                                  ("gauss_newton", "mse", True)])
+def test_products_over_row_blocks_and_column_chunks_match_the_dense_answer(kind, loss, weighted, monkeypatch):
+    """Memory bounded: the product summed over blocks of rows (set explicitly, or forced by a tiny BOOK_MEMORY_GB)
+    and the columns vmapped in chunks give the dense curvature of the whole objective — the reverse-over-reverse
+    Hessian, or Jᵀ H_out J assembled by hand for Gauss–Newton."""
+    model, x, y = make_problem(n=23, loss=loss)
+    names = param_names(model, "all")
+    P = model_params(model, names)
+    weights = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT) if weighted else None
+    kw = dict(weights=weights, l2=0.03, loss=loss)
+    f, theta = flat_objective(model, names, x, y, **kw)
+    if kind == "hessian":
+        dense = torch.autograd.functional.hessian(f, theta)
+    else:
+        shapes, sizes = [p.shape for p in P.values()], [p.numel() for p in P.values()]
+
+        def out(flat):
+            return torch.func.functional_call(model, {k: t.reshape(s) for k, t, s in
+                                                      zip(P, torch.split(flat, sizes), shapes)}, (x,))
+
+        J = torch.autograd.functional.jacobian(out, theta)  # [n, c, d]
+        w = weights if weighted else torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=DT)
+        if loss == "cross_entropy":
+            p = torch.softmax(out(theta), dim=-1)
+            h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        else:
+            h_out = torch.eye(3, dtype=DT).expand(x.shape[0], 3, 3)
+        dense = torch.einsum("n,ncd,nce,nef->df", w, J, h_out, J) + 0.03 * torch.eye(theta.numel(), dtype=DT)
+    blocked = hessian_operator(model, P, x, y, kind=kind, row_block=5, **kw)
+    assert blocked.row_blocks == 5 and blocked._upgrade is None  # 23 rows in blocks of 5, never traced
+    V = torch.randn(blocked.dim, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    assert rel(blocked.matmat(V), dense @ V) < 1e-10
+    assert rel(blocked.dense(chunk_size=3), dense) < 1e-10
+    # a budget far below one product over all rows: the operator blocks its rows and vmaps one column at a time
+    monkeypatch.setenv("BOOK_MEMORY_GB", "1e-6")
+    tiny = hessian_operator(model, P, x, y, kind=kind, **kw)
+    assert tiny.row_blocks > 1 and tiny.column_chunk(blocked.dim) == 1
+    assert rel(tiny.dense(), dense) < 1e-10
+    monkeypatch.delenv("BOOK_MEMORY_GB")
+    whole = hessian_operator(model, P, x, y, kind=kind, **kw)
+    assert whole.row_blocks == 1 and whole.product_bytes > 0 and whole.column_chunk(whole.dim) >= 1
+    assert rel(whole.dense(), dense) < 1e-10
+
+
+def test_labels_past_the_models_classes_and_wrong_feature_counts_are_named():
+    """Not a raw IndexError / matmul error from inside torch: one line naming the data and the fix."""
+    model, x, y = make_problem()
+    P = model_params(model, param_names(model, "all"))
+    with pytest.raises(ValueError, match=r"train losses \(IndexError: .*\): check that train y holds class indices "
+                                         r"0 … C−1 for the model's C outputs") as info:
+        hessian_operator(model, P, x, torch.where(y == 2, 3, y))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"train x \(5,\) has the features the model was built for"):
+        hessian_operator(model, P, torch.cat([x, x[:, :1]], 1), y)

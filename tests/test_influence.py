@@ -270,3 +270,42 @@ def test_directional_derivatives_equal_gradients_times_vectors(which, loss):
     with pytest.raises(ValueError, match="row 2"):
         directional_derivatives(SqrtModel(), model_params(SqrtModel()), xz, torch.tensor([0, 1, 2, 0, 1]),
                                 torch.ones(1, 1, dtype=DT))
+
+
+def test_a_tiny_memory_budget_chunks_rows_and_columns_without_changing_the_answer(monkeypatch):
+    """BOOK_MEMORY_GB far below one row's activations: per-sample gradients one row per vmapped call, directional
+    derivatives one column over blocks of one row — the same numbers as the autograd loop; and predict_removal
+    through all of it (the exact solve too: its 59² matrix no longer fits, so it runs as CG) equals the dense
+    formula."""
+    torch.manual_seed(3)
+    model = TinyMLP().to(DT)
+    x, y = data(11, seed=4)
+    xt, yt = data(3, seed=5)
+    names = param_names(model, "all")
+    P = model_params(model, names)
+    G = loop_grads(model, names, x, y, "cross_entropy")
+    V = torch.randn(G.shape[1], 3, generator=torch.Generator().manual_seed(6), dtype=DT)
+    ref = dense_reference(model, names, x, y, xt, yt, 0.05, None, 0.0)
+    monkeypatch.setenv("BOOK_MEMORY_GB", "1e-9")
+    torch.testing.assert_close(per_sample_grads(model, P, x, y), G, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(directional_derivatives(model, P, x, y, V), (G @ V).T, rtol=1e-12, atol=1e-14)
+    est = predict_removal(model, (x, y), (xt, yt), l2=0.05)
+    assert est.solve.method == "cg" and "memory budget" in est.solve.info["fallback"]
+    torch.testing.assert_close(est.values, ref, rtol=1e-7, atol=1e-12)
+
+
+def test_auto_damping_is_derived_from_the_spectrum_and_reported():
+    """damping="auto": δ = 0 on an L2-regularised logistic regression (H positive definite), so the estimate is the
+    undamped dense formula; the δ used and the eigenvalues behind it are in the result."""
+    from helpers.solvers import auto_damping
+
+    torch.manual_seed(8)
+    model = nn.Linear(4, 3).to(DT)
+    x, y = data(30, seed=9)
+    xt, yt = data(2, seed=10)
+    est = predict_removal(model, (x, y), (xt, yt), l2=0.1, damping="auto")
+    info = est.solve.info
+    assert info["eigenvalue_min"] > 0.1 - 1e-12 and est.damping == 0.0 == auto_damping(info["eigenvalue_min"],
+                                                                                       info["eigenvalue_max"])
+    ref = dense_reference(model, param_names(model, "all"), x, y, xt, yt, 0.1, None, 0.0)
+    torch.testing.assert_close(est.values, ref, rtol=1e-9, atol=1e-13)

@@ -180,3 +180,20 @@ def test_holm_adjustment_by_hand() -> None:
     got = holm([0.03, 0.01, np.nan, 0.5, 0.02])
     np.testing.assert_allclose(got, [0.06, 0.04, np.nan, 0.5, 0.06])
     assert holm([0.9, 0.8]).tolist() == [1.0, 1.0]
+
+
+def test_slope_is_the_least_squares_slope_of_estimate_on_truth():
+    """Against the closed form cov(pred, true) / var(true): 1 for the truth itself, 2.5 for it scaled, whatever the
+    offset; undefined for a constant truth."""
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=30)
+    pred = 0.7 * true + 0.1 * rng.normal(size=30) + 3.0
+    closed = np.cov(pred, true)[0, 1] / np.var(true, ddof=1)
+    assert M.slope(pred, true) == pytest.approx(closed, rel=1e-12)
+    assert M.slope(true, true) == pytest.approx(1.0, rel=1e-12)
+    assert M.slope(2.5 * true - 1.0, true) == pytest.approx(2.5, rel=1e-12)
+    assert M.slope(torch.as_tensor(pred), torch.as_tensor(true)) == pytest.approx(closed, rel=1e-12)
+    with pytest.raises(ValueError, match="true is constant"):
+        M.slope(pred, np.ones(30))
+    est, low, high = M.bootstrap_ci(M.slope, pred, true, n_resamples=500)
+    assert low < est < high and est == pytest.approx(closed, rel=1e-12)

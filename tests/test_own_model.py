@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +296,8 @@ def test_run_checklist_on_the_last_layer_with_mini_batches() -> None:
     assert r.problem.params == "last" and r.truths["warm_all"].recipe["batch_size"] == 20
     assert {O.cold_name(2), "warm all", "warm last", "PBRF"} <= set(r.agreement.ground_truth)
     assert r.pick("PBRF", estimate="GN+δ") == h["pbrf_gn_pearson"]
-    assert len(r.checks) == 10 and r.paths.epoch.tolist() == [5, 10]
+    assert len(r.checks) == 14 and r.paths.epoch.tolist() == [5, 10]
+    assert set(r.checks.verdict) <= set(O.VERDICTS) and list(r.checks.columns)[-2:] == ["margin", "verdict"]
     # the last layer retrained exactly agrees with its own influence (a broken pipeline gives about 0; at n = 60
     # with a barely trained θ̂ the leverage term keeps it a little below the chapter's 0.99)
     assert h["known_pearson"] > O.KNOWN_ANSWER_OK
@@ -329,11 +333,17 @@ def test_chapter_runs_on_a_factory_defined_in_this_file(tmp_path: Path, monkeypa
                 assert -1 <= lo and hi <= 1 and -1 <= v <= 1, (tag, m)
     assert 0 <= r["ceiling_single"] <= r["ceiling"] <= 1
     assert r["pbrf_drift"] == 0  # the PBRF's drift member starts at its own minimiser and stays there
-    # the known answer: on the convex last layer influence equals exact leave-one-out
+    # the known answer: on the convex last layer influence equals exact leave-one-out, in rank and in value
     assert r["known_pearson"] > 0.99 and r["known_grad_norm"] < 1e-8
+    assert r["known_slope_low"] > 1 / O.KNOWN_SLOPE_BAND and r["known_relative_error_high"] < O.KNOWN_RELATIVE_ERROR_OK
     # the Gauss-Newton estimate tracks the PBRF it linearises (chapter 3 asserts the same on its models)
     assert r["pbrf_gn_pearson"] > 0.8
-    assert r["checks_ok"] + r["checks_warning"] <= 8
+    assert r["checks_pass"] + r["checks_fail"] + r["checks_inconclusive"] == 11
+    # damping "auto": δ follows from the spectrum by the stated rule, and the dense solve fitted the budget
+    from helpers.solvers import auto_damping
+
+    assert r["damping"] == pytest.approx(auto_damping(r["damping_eig_min"], r["damping_eig_max"]), rel=1e-12)
+    assert r["damping_auto"] == 1 and r["solver_fallback"] == 0
 
     agreement = pd.read_csv(out / "data" / "own_model" / "agreement.csv")
     truths = set(agreement.ground_truth)
@@ -344,9 +354,184 @@ def test_chapter_runs_on_a_factory_defined_in_this_file(tmp_path: Path, monkeypa
     assert set(agreement[agreement.ground_truth == "PBRF"].estimate) == {"H+δ", "GN+δ"}
     checks = pd.read_csv(out / "data" / "own_model" / "checklist.csv")
     assert sorted(set(checks["item"])) == list(range(1, 10))
-    assert set(checks.verdict) <= {"ok", "warning", "reported", "not covered"}
+    assert set(checks.verdict) <= set(O.VERDICTS)
+    judged = checks[checks.verdict.isin(["pass", "fail", "inconclusive"])]
+    assert len(judged) == 11 and judged.margin.str.match(r"^(≥|≤|within) ").all()  # every verdict has its margin
 
     nb = json.loads((out / "executed" / "smoke" / "own_model.ipynb").read_text())
     streams = [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "stream"]
     assert any("Tanh()" in "".join(o["text"]) for o in streams)  # the printed model is this file's tiny_net
     assert not [o for o in streams if o["name"] == "stderr"], "the chapter printed warnings"
+
+
+# ------------------------------------------------------------------------- verdicts from intervals, values
+
+
+def test_interval_verdict_compares_the_whole_interval_with_the_margin() -> None:
+    iv = O.interval_verdict
+    assert iv(0.92, 0.99, at_least=0.9) == "pass" and iv(0.5, 0.85, at_least=0.9) == "fail"
+    assert iv(0.85, 0.95, at_least=0.9) == "inconclusive"  # a point estimate of 0.93 would have said "pass"
+    assert iv(0.1, 0.4, at_most=1.0) == "pass" and iv(1.2, 3.0, at_most=1.0) == "fail"
+    assert iv(0.8, 1.2, at_least=1 / 1.5, at_most=1.5) == "pass"
+    assert iv(2.2, 2.8, at_least=1 / 1.5, at_most=1.5) == "fail"
+    assert iv(0.2, 0.5, at_least=1 / 1.5, at_most=1.5) == "fail"
+    assert iv(1.2, 1.8, at_least=1 / 1.5, at_most=1.5) == "inconclusive"
+    with pytest.raises(ValueError, match="margin"):
+        iv(0.1, 0.2)
+    with pytest.raises(ValueError, match="low <= high"):
+        iv(0.3, 0.2, at_most=1.0)
+
+
+def test_resample_ci_of_a_mean_matches_the_normal_interval() -> None:
+    """The percentile bootstrap of a mean over 400 normal draws against the closed form mean ± 1.96 s/√n."""
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=400)
+    v, lo, hi = O.resample_ci(lambda idx: float(x[idx].mean()), len(x), n_resamples=4000, seed=1)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
+    assert v == pytest.approx(x.mean(), abs=1e-15)
+    assert lo == pytest.approx(x.mean() - half, abs=0.1 * half) and hi == pytest.approx(x.mean() + half, abs=0.1 * half)
+    with pytest.raises(ValueError, match="undefined on"):  # a statistic undefined on most resamples
+        O.resample_ci(lambda idx: float("nan") if idx[0] != 0 else 1.0, 10, n_resamples=100)
+
+
+def _run_small(n_train: int, *, scale: float = 1.0, monkeypatch: pytest.MonkeyPatch | None = None, **kwargs):
+    """run_checklist on tiny_net and a synthetic tensor problem (smoke-sized); the estimate multiplied by ``scale``."""
+    if scale != 1.0:
+        from helpers.influence import predict_removal
+
+        def scaled(*args, **kw):
+            res = predict_removal(*args, **kw)
+            res.values = res.values * scale
+            return res
+
+        monkeypatch.setattr(V, "predict_removal", scaled)   # the estimates of the problem (H+δ and GN+δ)
+        monkeypatch.setattr(O, "predict_removal", scaled)   # and the known-answer test's
+    t = tensors(n_train=n_train)
+    train, test = (t["x_train"], t["y_train"]), (t["x_test"], t["y_test"])
+    model = O.build_model(tiny_net, train, 3)
+    recipe = Recipe(optimizer="adam", lr=0.01, epochs=300, weight_decay=0.01, schedule="plateau", patience=100)
+    return O.run_checklist(model, train, test, recipe, **{**dict(retrain_epochs=100, head_epochs=100, k=12, cold_k=8,
+                                                                 n_seeds=2, n_bootstrap=200, cache=False,
+                                                                 progress=False), **kwargs})
+
+
+def _verdict(r: O.ChecklistResult, check: str) -> str:
+    return str(r.checks[r.checks.check.str.startswith(check)].verdict.iloc[0])
+
+
+def test_an_estimate_off_in_scale_fails_the_scale_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same model and data, the estimate once as computed and once multiplied by 2.5 (a pipeline off in scale):
+    Pearson cannot tell them apart, the fitted slope and the relative error can — against the matched target (item 7)
+    and against the known answer (item 8)."""
+    good = _run_small(200)
+    bad = _run_small(200, scale=2.5, monkeypatch=monkeypatch)
+    scale, error = "report a value measure", "… and a value measure: relative error"
+    assert _verdict(good, scale) == "pass" and _verdict(bad, scale) == "fail"
+    assert _verdict(good, error) == "pass" and _verdict(bad, error) == "fail"
+    assert _verdict(good, "… on values: scale") == "pass" and _verdict(bad, "… on values: scale") == "fail"
+    assert _verdict(good, "… on values: relative") == "pass" and _verdict(bad, "… on values: relative") == "fail"
+    g, b = good.headline, bad.headline
+    assert b["pbrf_gn_slope"] == pytest.approx(2.5 * g["pbrf_gn_slope"], rel=1e-9)  # same ground truth, scaled estimate
+    assert b["pbrf_gn_pearson"] == pytest.approx(g["pbrf_gn_pearson"], abs=1e-12)  # ranks are blind to it
+    assert _verdict(bad, "name the ground truth") == _verdict(good, "name the ground truth") == "pass"
+    assert "in scale" in O.prose(bad)["matched_verdict"] and "misses" in O.prose(bad)["matched_verdict"]
+    assert "computes what it claims" in O.prose(good)["matched_verdict"]
+    assert "outside the margins" in O.prose(bad)["known_text"]
+
+
+def test_auto_damping_and_the_cg_fallback_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a memory budget below the dense H of the estimate (57 parameters: 130 kB), the estimate is solved by CG and
+    the chapter's prose says so; δ still follows from the spectrum (Ritz values), and equals the rule's answer."""
+    from helpers import solvers
+
+    monkeypatch.setenv("BOOK_MEMORY_GB", str(solvers.dense_bytes(57) / 2 / 2**30))
+    r = _run_small(60, n_bootstrap=100)
+    h = r.headline
+    assert h["solver_fallback"] == 1 and h["damping_eig_dense"] == 0 and h["solver_residual"] < 1e-8
+    assert h["damping"] == pytest.approx(solvers.auto_damping(h["damping_eig_min"], h["damping_eig_max"]), rel=1e-12)
+    text = O.prose(r)
+    assert "conjugate gradients instead of an exact solve" in text["solver_text"] and "BOOK_MEMORY_GB" in text[
+        "solver_text"]
+    assert "CG (the dense H would not fit" in r.checks.value[r.checks.check.str.contains("damping and solver")].iloc[0]
+
+
+# ------------------------------------------------------------------------------------- bad input, named
+
+
+def ignores_in_features(in_features: int, n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(13, 4), nn.Tanh(), nn.Linear(4, n_classes))
+
+
+def test_bad_input_gets_a_one_line_error_naming_the_tensor_and_the_fix() -> None:
+    t = tensors()
+    train, test = (t["x_train"], t["y_train"]), (t["x_test"], t["y_test"])
+    model = O.build_model(tiny_net, train, 3)
+    adam = Recipe(optimizer="adam", lr=1e-2, epochs=5, weight_decay=1e-2)
+    assert O.check_inputs(model, train, test) == 3
+    cases = [
+        ((train[0], torch.where(train[1] == 2, 5, train[1])), test, ValueError,
+         r"y_train holds label 5, outside the model's 3 classes 0 … 2: build the model with n_classes = "
+         r"n_classes_of\(train, test\) = 6"),
+        (train, (test[0], test[1] - 1), ValueError, "y_test holds label -1, outside the model's 3 classes"),
+        ((train[0][:, :4], train[1]), (test[0][:, :4], test[1]), ValueError,
+         r"the model cannot take x_train: its samples have shape \(4,\) \(4 features\) and its forward pass raised "
+         r"RuntimeError: .*in_features=4"),
+        (train, (test[0][:, :4], test[1]), ValueError, r"x_train has shape \(5,\) but one of x_test \(4,\)"),
+        ((train[0].clone().index_fill_(0, torch.tensor([3]), float("nan")), train[1]), test, ValueError,
+         "x_train has 5 non-finite value"),
+        (train, (test[0], test[1].double()), TypeError, r"y_test has dtype torch.float64.*y\.long\(\)"),
+        ((train[0].to(torch.complex128), train[1]), test, TypeError, "x_train has dtype torch.complex128"),
+    ]
+    for tr, te, error, match in cases:
+        with pytest.raises(error, match=match) as info:
+            O.run_checklist(model, tr, te, adam, cache=False, progress=False)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"the model cannot take x_train: its samples have shape \(5,\) \(5 features\)"
+                                         r".*in_features=5") as info:
+        O.build_model(ignores_in_features, (torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 3), 3)
+    assert "mat1 and mat2" in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------- a small CNN, memory measured, smoke
+
+
+_PEAK_RSS = r"""
+import json, resource, sys
+from pathlib import Path
+from helpers import build
+build.execute_chapter(build.Chapter(name="own_model", path=Path("book/own_model.ipynb")), "smoke",
+                      overrides=json.loads(sys.argv[1]), build_dir=Path(sys.argv[2]), quiet=True)
+# ru_maxrss of RUSAGE_CHILDREN: the largest resident set of any descendant waited for — the chapter's kernel
+print(json.dumps({"children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+@pytest.mark.slow
+def test_chapter_on_a_small_cnn_stays_under_4_gb(tmp_path: Path) -> None:
+    """The template chapter on a small convolutional net (image_cnn_factory: 358 parameters) with the 8×8 digits as
+    images (600 training points), smoke profile with short runs, under BOOK_MEMORY_GB=1, in a fresh process whose
+    peak resident memory is measured (getrusage of its children: the kernel that runs the chapter).
+
+    The run reaches the exact (dense) solve. Assembling that H's 358 columns in one vmap — the code path the OOM
+    killer stopped at 24 GB on a larger run — holds about 1.8 GB above the kernel's baseline at this size (measured;
+    ``unchunked_hvp_gb`` is the chapter's conservative estimate of it), so besides the issue's 4 GB the test holds the
+    run to the budget plus 1 GB for the kernel itself (torch, the data, the notebook): a bound the unchunked assembly
+    breaks."""
+    over = {"factory": "helpers.own_model:image_cnn_factory", "data": "digits", "n_train": 600, "epochs": 100,
+            "retrain_epochs": 30, "head_epochs": 30, "every": 10, "k": 8, "cold_k": 5, "n_seeds": 2,
+            "n_bootstrap": 50}
+    env = dict(os.environ, BOOK_MEMORY_GB="1", BOOK_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, json.dumps(over), str(tmp_path / "_build")], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    peak_gb = max(peak["children_kb"], peak["self_kb"]) / 2**20
+    r = json.loads((tmp_path / "_build" / "records" / "own_model.json").read_text())
+    print(f"peak resident memory {peak_gb:.2f} GB (kernel {peak['children_kb'] / 2**20:.2f} GB); "
+          f"{r['_meta']['seconds']:.0f} s; estimate for a one-vmap dense assembly {r['unchunked_hvp_gb']:.1f} GB")
+    assert 0.2 < peak_gb < 4.0  # > 0.2: the kernel (torch imported) was measured, not just this wrapper
+    assert peak_gb < r["memory_budget_gb"] + 1.0
+    assert r["n_params"] == 358 and r["n_train"] == 600 and r["in_features"] == 64
+    assert r["unchunked_hvp_gb"] > r["memory_budget_gb"] == 1.0 and r["solver_fallback"] == 0
+    assert r["known_pearson"] > 0.99 and r["pbrf_gn_pearson"] > 0.9
+    assert r["checks_pass"] + r["checks_fail"] + r["checks_inconclusive"] == 11

@@ -388,3 +388,62 @@ def test_refinement_hands_over_its_final_residual_without_more_products():
     assert torch.equal(res.relative_residual, relative_residual(op, res.x, B, 0.01))  # the very same numbers
     indep = independent_residual(dense(op), 0.01, res.x, B)
     assert float(res.relative_residual.max()) <= 1e-10 and float(indep.max()) <= 1e-10
+
+
+def test_auto_damping_rule_on_known_spectra():
+    """The rule of damping="auto": 0 when H is positive definite within the margin, the least shift to a condition
+    number of 10⁶ when it is nearly singular, 2|λ_min| + margin when it has negative curvature."""
+    from helpers.solvers import AUTO_RCOND, auto_damping
+
+    assert AUTO_RCOND == 1e-6
+    assert auto_damping(0.004, 0.45) == 0.0  # the template's example: λ_min above the margin, no damping
+    assert auto_damping(0.0, 2.0) == pytest.approx(2e-6, rel=1e-12)
+    assert auto_damping(1e-7, 2.0) == pytest.approx(2e-6 - 1e-7, rel=1e-12)
+    assert auto_damping(-0.5, 4.0) == pytest.approx(1.0 + 4e-6, rel=1e-12)
+    assert auto_damping(-3.0, -1.0) == pytest.approx(6.0 + 3e-6, rel=1e-12)  # scale: the largest |λ|
+    for bad in [(1.0, 0.5), (float("nan"), 1.0), (0.0, 0.0)]:
+        with pytest.raises(ValueError):
+            auto_damping(*bad)
+
+
+@pytest.mark.parametrize("method", ["exact", "pinv", "cg"])
+@pytest.mark.parametrize("spectrum, delta", [((0.3, 1.0, 2.0, 4.0), 0.0), ((-0.5, 1.0, 2.0, 4.0), 1.0 + 4e-6),
+                                             ((0.0, 1.0, 2.0, 4.0), 4e-6)])
+def test_solve_with_auto_damping_equals_the_direct_solve_with_that_damping(method, spectrum, delta):
+    """A symmetric matrix with a known spectrum (a rotated diagonal): the δ chosen, reported in the result with the
+    eigenvalues it came from (dense eigvalsh, or the Ritz values of Lanczos — exact here, d < AUTO_KRYLOV), and the
+    answer (H + δI)⁻¹ B."""
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=DT))
+    H = Q @ torch.diag(torch.tensor(spectrum, dtype=DT)) @ Q.T
+    H = 0.5 * (H + H.T)
+    B = rhs(4, 2)
+    res = solve(CurvatureOperator.from_matrix(H), B, method=method, damping="auto")
+    assert res.damping == pytest.approx(delta, rel=1e-9, abs=1e-15)
+    assert res.info["damping_rule"] == "auto"
+    assert res.info["eigenvalue_min"] == pytest.approx(spectrum[0], abs=1e-12)
+    assert res.info["eigenvalue_max"] == pytest.approx(spectrum[-1], rel=1e-12)
+    X = torch.linalg.solve(H + res.damping * torch.eye(4, dtype=DT), B)
+    assert float(rel_err(res.x, X).max()) < 1e-7
+    with pytest.raises(ValueError, match="'auto'"):
+        solve(H, B, method=method, damping="automatic")
+
+
+def test_dense_methods_respect_the_memory_budget(monkeypatch):
+    """Where the dense H would not fit BOOK_MEMORY_GB, "exact" solves by CG (to its tolerance) and says so, "pinv"
+    refuses with the sizes; an explicit matrix, already in memory, is solved as before."""
+    from helpers.solvers import dense_bytes, dense_fits
+
+    model, P, x, y, op = logistic_problem()
+    B = rhs(op.dim, 3)
+    direct = solve(op, B, method="exact", damping=0.01)
+    assert dense_bytes(15) == 5 * 15 * 15 * 8 and dense_fits(15)
+    monkeypatch.setenv("BOOK_MEMORY_GB", str(dense_bytes(15) / 2 / 2**30))
+    assert not dense_fits(15)
+    fallback = solve(op, B, method="exact", damping=0.01)
+    assert fallback.method == "cg" and "exact → cg" in fallback.info["fallback"]
+    assert "BOOK_MEMORY_GB" in fallback.info["fallback"] and fallback.max_relative_residual < 1e-9
+    assert float(rel_err(fallback.x, direct.x).max()) < 1e-8
+    with pytest.raises(MemoryError, match="method='pinv' needs the dense H over d = 15"):
+        solve(op, B, method="pinv")
+    assert solve(dense(op), B, method="exact", damping=0.01).method == "exact"

@@ -208,3 +208,37 @@ def test_floor_stop_is_within_its_bound_of_the_full_run():
     assert adam_step_bound() == pytest.approx(7.27, abs=0.01)
     with pytest.raises(ValueError, match="stop_at_floor needs schedule='plateau'"):
         Recipe(stop_at_floor=True)
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_ensemble_in_member_chunks_equals_the_whole_ensemble(batch_size, monkeypatch):
+    """Memory bounded: under a budget that fits about two members at a time the ensemble is vmapped in chunks of
+    members (member_chunk), and every member ends exactly where the whole ensemble takes it (members are
+    independent; float64), including plateau schedules and stops at the floor."""
+    from helpers.train import call_in_chunks, member_chunk, weighted_objective
+
+    x, y = make_data()
+    model = make_model(MLP)
+    recipe = Recipe(optimizer="adam", lr=0.05, epochs=40, weight_decay=1e-2, schedule="plateau", patience=3,
+                    batch_size=batch_size)
+    w = removal_weights(40, [0, 7, 19, 33, -1])
+    whole = fit_ensemble(recipe, model, x, y, weights=w, progress=False)
+    start = {k: v.detach()[None].repeat(5, *[1] * v.dim()) for k, v in model.named_parameters()}
+    member = weighted_objective(model, recipe)
+    assert member_chunk(member, start, (w,), x, y) is None  # the default budget fits all five
+    monkeypatch.setenv("BOOK_MEMORY_GB", "3e-7")  # ~320 bytes: about one member's activations on 16 rows
+    chunk = member_chunk(member, start, (w,), x, y, batch_size)
+    assert chunk is not None and 1 <= chunk < 5
+    chunked = fit_ensemble(recipe, model, x, y, weights=w, progress=False)
+    for k in whole.params:
+        torch.testing.assert_close(chunked.params[k], whole.params[k], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(chunked.history, whole.history, rtol=1e-12)
+    np.testing.assert_array_equal(chunked.lr, whole.lr)
+    # call_in_chunks: one vmapped call's gradients and values, whatever the chunk
+    vg = torch.func.vmap(torch.func.grad_and_value(member), in_dims=(0, 0, None, None, None, None))
+    g1, v1 = vg(start, (w,), x, y, None, 1.0)
+    for c in (1, 2, 3):
+        g2, v2 = call_in_chunks(vg, start, (w,), x, y, None, 1.0, chunk=c)
+        torch.testing.assert_close(v2, v1, rtol=1e-13, atol=0)
+        for k in g1:
+            torch.testing.assert_close(g2[k], g1[k], rtol=1e-13, atol=1e-15)
