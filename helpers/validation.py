@@ -351,7 +351,8 @@ def _head_grad_norm(model: nn.Module, train: Data, l2: float) -> float:
 
 
 def _refit_head(model: nn.Module, train: Data, l2: float, tol: float, cache: bool) -> dict[str, Tensor]:
-    """The last layer refit by Newton on the frozen features (float64) to ‖∇R‖₂ ≤ ``tol``, from θ̂'s values."""
+    """The last layer refit by Newton on the frozen features (float64) to ‖∇R‖₂ ≤ ``tol``, from θ̂'s values
+    (one member: its dense Hessian is that of a logistic regression; L-BFGS stalls near 1e-8 on its line search)."""
     x = train[0].to(next(model.parameters()).dtype)
     head, feats, _ = last_layer_problem(model, (x, train[1]), (x[:1], train[1][:1]))
     head = head.double()
@@ -601,8 +602,8 @@ def convergence_table(problem: Problem, truths: dict[str, Any], *, tol: float) -
     """
     def rec(gt: Any) -> dict[str, Any]:
         r = gt.recipe if isinstance(gt.recipe, dict) else {}
-        if r.get("optimizer") == "newton":
-            return {"length": f"Newton to ‖∇‖ ≤ {r.get('tol'):g}"}
+        if r.get("optimizer") in ("newton", "lbfgs"):
+            return {"length": f"{'Newton' if r['optimizer'] == 'newton' else 'L-BFGS'} to ‖∇‖ ≤ {r.get('tol'):g}"}
         return {"length": f"{r.get('optimizer', '?')}, {r.get('epochs', '?')} epochs"}
 
     rows = [{"what": "θ̂, all parameters", "length": f"{problem.recipe.optimizer}, {problem.recipe.epochs} epochs",
