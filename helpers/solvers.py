@@ -308,51 +308,7 @@ def _cg(
                        preconditioner=preconditioner, inner_rtol=inner_rtol, max_refinements=max_refinements)
     if block:
         return _block_cg(op, B, damping, rtol=rtol, maxiter=maxiter, x0=x0, preconditioner=preconditioner)
-    if preconditioner is not None:
-        return _pcg(op, B, damping, preconditioner, rtol=rtol, maxiter=maxiter, x0=x0)
-    d, k = B.shape
-    maxiter = 10 * d if maxiter is None else int(maxiter)
-    if x0 is None:
-        X = torch.zeros_like(B)
-        R = B.clone()
-    else:
-        X = x0.reshape(d, k).to(B).clone()
-        R = B - (op.matmat(X) + damping * X)
-    P = R.clone()
-    rs = (R * R).sum(dim=0)
-    target = (rtol * torch.linalg.vector_norm(B, dim=0)) ** 2
-    active = rs > target
-    negative = torch.zeros(k, dtype=torch.bool, device=B.device)
-    breakdown = torch.zeros(k, dtype=torch.bool, device=B.device)
-    iters = torch.zeros(k, dtype=torch.long, device=B.device)
-    step = 0
-    while bool(active.any()) and step < maxiter:
-        idx = torch.nonzero(active).reshape(-1)
-        Pa = P[:, idx]
-        APa = op.matmat(Pa) + damping * Pa
-        pAp = (Pa * APa).sum(dim=0)
-        negative[idx] |= pAp <= 0
-        broke = pAp == 0
-        alpha = torch.where(broke, torch.zeros_like(pAp), rs[idx] / torch.where(broke, torch.ones_like(pAp), pAp))
-        X[:, idx] += alpha * Pa
-        R[:, idx] -= alpha * APa
-        rs_new = (R[:, idx] ** 2).sum(dim=0)
-        P[:, idx] = R[:, idx] + (rs_new / rs[idx]) * Pa
-        rs[idx] = rs_new
-        iters[idx] += 1
-        breakdown[idx] |= broke
-        active[idx] = (rs_new > target[idx]) & ~broke
-        step += 1
-    converged = ~active & ~breakdown
-    info = {
-        "converged": converged,
-        "iterations_per_column": iters,
-        "negative_curvature_columns": torch.nonzero(negative).reshape(-1).tolist(),
-        "breakdown_columns": torch.nonzero(breakdown).reshape(-1).tolist(),
-        "rtol": rtol,
-        "maxiter": maxiter,
-    }
-    return X, step, info, "cg"
+    return _pcg(op, B, damping, preconditioner, rtol=rtol, maxiter=maxiter, x0=x0)
 
 
 def _start(op: CurvatureOperator, B: Tensor, damping: float, x0: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -378,16 +334,17 @@ def _pcg(
     op: CurvatureOperator,
     B: Tensor,
     damping: float,
-    preconditioner: Callable[[Tensor], Tensor],
+    preconditioner: Callable[[Tensor], Tensor] | None,
     *,
     rtol: float,
     maxiter: int | None,
     x0: Tensor | None,
 ) -> tuple[Tensor, int, dict[str, Any], str]:
-    """Preconditioned CG, column by column in one batch: ``preconditioner(R [d, k]) ≈ (H + δI)⁻¹ R``.
+    """(Preconditioned) CG, column by column in one batch: ``preconditioner(R [d, k]) ≈ (H + δI)⁻¹ R``; the one CG
+    loop of the package (``None``: the identity, i.e. plain CG, the same arithmetic step for step).
 
     The preconditioner must be symmetric positive definite (then the iteration is CG on M^½ A M^½).
-    Cost per iteration: one batched product and one preconditioner application over the running columns.
+    Cost per iteration: one batched product (and one preconditioner application) over the running columns.
     """
     d, k = B.shape
     maxiter = 10 * d if maxiter is None else int(maxiter)
@@ -428,9 +385,9 @@ def _pcg(
         "breakdown_columns": torch.nonzero(breakdown).reshape(-1).tolist(),
         "rtol": rtol,
         "maxiter": maxiter,
-        "preconditioned": True,
+        "preconditioned": preconditioner is not None,
     }
-    return X, step, info, "pcg"
+    return X, step, info, "cg" if preconditioner is None else "pcg"
 
 
 def _orthonormal_basis(W: Tensor, rank_tol: float) -> Tensor:
