@@ -6,7 +6,7 @@
 
 Both write into ``$BOOK_OUTPUT_DIR`` (a private folder :mod:`helpers.build` gives each chapter run and moves
 into ``_build/`` only when the chapter succeeded). Run interactively, without the runner, they write to
-``_build/interactive/<chapter>``.
+``<checkout>/_build/interactive/<chapter>`` (an installed package: the per-user cache folder's ``interactive/``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .cache import REPO_ROOT
+from .cache import checkout_root, user_cache_root
 
 
 def chapter_name() -> str:
@@ -30,7 +30,9 @@ def chapter_name() -> str:
 def output_dir() -> Path:
     """The folder this chapter run writes to (see module docstring)."""
     folder = os.environ.get("BOOK_OUTPUT_DIR")
-    path = Path(folder) if folder else REPO_ROOT / "_build" / "interactive" / chapter_name()
+    root = checkout_root()
+    base = root / "_build" if root is not None else user_cache_root()
+    path = Path(folder) if folder else base / "interactive" / chapter_name()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -5,12 +5,17 @@ A result is stored under a key made of
 * the name of the computation,
 * its parameters (anything JSON-like, plus tensors and numpy arrays, hashed by content),
 * a hash of the ``helpers`` source code (every ``.py`` file of this package),
+* the environment that computed it: the torch version, the default device and the default dtype (a tensor
+  parameter's own dtype and device are part of its rendering),
 
-so that changing a parameter *or* the code that computes the result is a miss, and nothing else is.
+so that changing a parameter, the code that computes the result or the machinery under it is a miss, and nothing
+else is.
 Files are written to a temporary name and moved into place with :func:`os.replace` (atomic on POSIX),
 so an interrupted build never leaves a half-written entry behind.
 
-Where: ``$BOOK_CACHE_DIR`` if set, else ``<repository>/_build/cache``. Every lookup appends one line
+Where (:func:`cache_dir`): ``$BOOK_CACHE_DIR`` if set; else ``<checkout>/_build/cache`` when ``helpers`` runs from
+the book's checkout; else a per-user cache folder (``$XDG_CACHE_HOME/influence-on-trial``, default
+``~/.cache/influence-on-trial``) — an installed package never writes inside its environment. Every lookup appends one line
 (``hit`` / ``miss``) to ``log.jsonl`` in that folder, which is how the tests prove a rebuild reuses
 everything; :data:`stats` counts the same events in the current process.
 
@@ -45,9 +50,30 @@ REPO_ROOT = PACKAGE_DIR.parent
 stats: Counter[str] = Counter()
 
 
+def checkout_root() -> Path | None:
+    """The book's checkout this package runs from (the folder holding ``_toc.yml`` beside ``helpers/``), or None
+    for an installed copy (``pip install .``), whose parent folder is ``site-packages``."""
+    return REPO_ROOT if (REPO_ROOT / "_toc.yml").is_file() else None
+
+
+def user_cache_root() -> Path:
+    """The per-user cache folder of an installed package: ``$XDG_CACHE_HOME`` or ``~/.cache``, then
+    ``influence-on-trial``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "influence-on-trial"
+
+
 def cache_dir() -> Path:
-    """The cache folder: ``$BOOK_CACHE_DIR`` or ``<repository>/_build/cache``."""
-    return Path(os.environ.get("BOOK_CACHE_DIR") or REPO_ROOT / "_build" / "cache")
+    """The cache folder: ``$BOOK_CACHE_DIR``, else ``<checkout>/_build/cache``, else :func:`user_cache_root`."""
+    if os.environ.get("BOOK_CACHE_DIR"):
+        return Path(os.environ["BOOK_CACHE_DIR"])
+    root = checkout_root()
+    return root / "_build" / "cache" if root is not None else user_cache_root() / "cache"
+
+
+def environment() -> dict[str, str]:
+    """What the key holds besides name, parameters and code: torch version, default device and dtype."""
+    return {"torch": torch.__version__, "device": str(torch.get_default_device()),
+            "dtype": str(torch.get_default_dtype())}
 
 
 def source_hash(package_dir: Path = PACKAGE_DIR) -> str:
@@ -66,8 +92,9 @@ def source_hash(package_dir: Path = PACKAGE_DIR) -> str:
 def _canonical(obj: Any) -> Any:
     """A JSON-able, order-independent rendering of ``obj``; arrays and tensors by dtype, shape and content hash."""
     if isinstance(obj, torch.Tensor):
+        device = str(obj.device)
         obj = obj.detach().cpu()
-        return {"tensor": str(obj.dtype), "shape": list(obj.shape),
+        return {"tensor": str(obj.dtype), "device": device, "shape": list(obj.shape),
                 "sha256": hashlib.sha256(obj.contiguous().numpy().tobytes()).hexdigest()}
     if isinstance(obj, np.ndarray):
         return {"ndarray": str(obj.dtype), "shape": list(obj.shape),
@@ -95,11 +122,12 @@ def _canonical(obj: Any) -> Any:
 
 
 def make_key(name: str, params: dict[str, Any], code_hash: str | None = None) -> str:
-    """The cache key: SHA-256 of the name, the canonical parameters and the ``helpers`` source hash."""
+    """The cache key: SHA-256 of the name, the canonical parameters, the ``helpers`` source hash and
+    :func:`environment`."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"cache name {name!r} must be a non-empty plain name (no '/' or leading '.')")
-    payload = json.dumps({"name": name, "params": _canonical(params), "code": code_hash or source_hash()},
-                         sort_keys=True)
+    payload = json.dumps({"name": name, "params": _canonical(params), "code": code_hash or source_hash(),
+                          "environment": environment()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

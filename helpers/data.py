@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from helpers.cache import checkout_root, user_cache_root
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT_ENV = "BOOK_DATA_ROOT"
 
@@ -153,11 +155,15 @@ def describe(name: str) -> str:
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder torchvision datasets are read from: ``root``, else ``$BOOK_DATA_ROOT``, else ``<repo>/data``."""
+    """The folder torchvision datasets are read from: ``root``, else ``$BOOK_DATA_ROOT``, else ``<checkout>/data``
+    (an installed package: the per-user cache folder's ``data/``)."""
     if root is not None:
         return Path(root)
     env = os.environ.get(DATA_ROOT_ENV)
-    return Path(env) if env else REPO_ROOT / "data"
+    if env:
+        return Path(env)
+    checkout = checkout_root()
+    return checkout / "data" if checkout is not None else user_cache_root() / "data"
 
 
 def load(

@@ -1,7 +1,8 @@
 """The seed paper's per-run results (Epifano et al. 2023), read and re-analysed (chapter 3, STUDY.md §3).
 
-The authors published every repetition behind their Figures 1–3 with their code (MIT licence); the book ships
-them under ``book/data/`` (comment lines start with ``#``):
+The authors published every repetition behind their Figures 1–3 with their code (MIT licence); the package
+ships them as package data, ``helpers/published/`` (comment lines start with ``#``), read through
+:mod:`importlib.resources` so that an installed ``helpers`` (``pip install .``) finds them too:
 
 * ``epifano2023_iris_runs.csv`` — one row per Iris repetition: signed Spearman and Pearson over the 25
   candidates, top Hessian eigenvalue, training accuracy; ``sweep`` (depth / width), ``regime``, ``value``.
@@ -27,6 +28,7 @@ every other table of the book. The Iris files already store correlations with th
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -34,10 +36,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats as st
 
-from helpers.cache import REPO_ROOT
 from helpers.metrics import mean_abs_vs_signed
 
-DATA_DIR = REPO_ROOT / "book" / "data"
+#: the package-data folder that holds the paper's CSV files (inside the installed package)
+PUBLISHED = "published"
 
 FILES: dict[str, str] = {
     "iris": "epifano2023_iris.csv",
@@ -54,16 +56,26 @@ IRIS_CANDIDATES = 25
 def read_reference(name: str, folder: str | Path | None = None) -> pd.DataFrame:
     """One of the paper's CSV files (:data:`FILES`) as a DataFrame; ``#`` lines are comments.
 
+    Args:
+        folder: read from this folder instead of the package data (``helpers/published/``).
+
     Raises:
         ValueError: an unknown name (lists the valid ones). FileNotFoundError: the file is missing (names the
-            folder; the book ships them in ``book/data``, copied from ``reference/``).
+            folder; the package ships them as package data in ``helpers/published/``).
     """
     if name not in FILES:
         raise ValueError(f"unknown reference table {name!r}: use one of {sorted(FILES)}")
-    path = Path(folder or DATA_DIR) / FILES[name]
+    if folder is None:
+        resource = resources.files("helpers") / PUBLISHED / FILES[name]
+        if not resource.is_file():
+            raise FileNotFoundError(f"{FILES[name]} is missing from the installed package's {PUBLISHED}/ folder: "
+                                    "reinstall it (pip install .), whose package data ship helpers/published/*.csv")
+        with resource.open("r") as fh:
+            return pd.read_csv(fh, comment="#")
+    path = Path(folder) / FILES[name]
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the paper's per-run data ship in book/data/ "
-                                "(copied from the project's reference/ folder)")
+        raise FileNotFoundError(f"{path} is missing: pass folder=None to read the copy the package ships in "
+                                f"helpers/{PUBLISHED}/")
     return pd.read_csv(path, comment="#")
 
 

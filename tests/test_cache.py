@@ -89,3 +89,32 @@ def test_decorator_binds_defaults() -> None:
 
     assert square(3) == 9 and square(x=3, power=2) == 9 and calls == [3]
     assert square(3, power=3) == 27 and calls == [3, 3]
+
+
+def test_key_holds_torch_version_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = cache.make_key("x", {"a": 1}, "code")
+    assert cache.environment()["torch"] == torch.__version__
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert cache.make_key("x", {"a": 1}, "code") != base
+    finally:
+        torch.set_default_dtype(before)
+    assert cache.make_key("x", {"a": 1}, "code") == base
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert cache.make_key("x", {"a": 1}, "code") != base
+    # a tensor parameter's dtype is part of its rendering, and so is its device
+    assert cache._canonical(torch.zeros(2))["device"] == "cpu"
+    assert cache.make_key("x", {"t": torch.zeros(2)}, "c") != cache.make_key("x", {"t": torch.zeros(2).double()}, "c")
+
+
+def test_cache_folder_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("BOOK_CACHE_DIR")
+    assert cache.checkout_root() == cache.REPO_ROOT  # the tests run from the checkout
+    assert cache.cache_dir() == cache.REPO_ROOT / "_build" / "cache"
+    monkeypatch.setattr(cache, "REPO_ROOT", tmp_path / "site-packages")  # an installed copy: no _toc.yml beside it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.checkout_root() is None
+    assert cache.cache_dir() == tmp_path / "xdg" / "influence-on-trial" / "cache"

@@ -16,7 +16,7 @@ def deep_summary() -> pd.DataFrame:
 def test_unknown_reference_and_missing_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown reference table"):
         paper_data.read_reference("cifar")
-    with pytest.raises(FileNotFoundError, match="book/data"):
+    with pytest.raises(FileNotFoundError, match="helpers/published"):
         paper_data.read_reference("iris_runs", folder=tmp_path)
 
 
