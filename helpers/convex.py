@@ -27,7 +27,8 @@ What the chapter calls:
   point with another diagonal), else preconditioned CG with the factor, finished by CG, to a residual of 1e-12.
 * :func:`softmax_regression_operator` — H as a :class:`~helpers.curvature.CurvatureOperator` with closed-form
   products, for every method of :func:`helpers.solvers.solve` (CG, LiSSA, Arnoldi, pinv).
-* :func:`predict_removal` — Δ_pred ``[n_test, n_train]`` in the book's convention, with any solver.
+* :func:`removal_estimate` — Δ_pred ``[n_test, n_train]`` in the book's convention, with any solver: the backend
+  :func:`helpers.influence.predict_removal` runs for a bias-free softmax regression (:func:`model_at`).
 * :func:`leave_one_out` — the ground truth for many removals at once by the chord (simplified Newton)
   method, returned as a :class:`helpers.retrain.GroundTruth`. Cached.
 * :func:`lissa_path` — deterministic LiSSA at many depths for the cost of the deepest.
@@ -52,6 +53,7 @@ from helpers import metrics
 from helpers.cache import memoize
 from helpers.curvature import CurvatureOperator, extreme_eigenvalues
 from helpers.influence import InfluenceResult
+from helpers.models import LogisticRegression
 from helpers.objective import LooObjective, removal_weights
 from helpers.retrain import GroundTruth
 from helpers.solvers import Method, SolveResult, relative_residual, solve
@@ -70,9 +72,10 @@ __all__ = [
     "lissa_path",
     "losses",
     "objective_and_grad",
-    "per_sample_grads",
-    "predict_removal",
+    "loss_grads",
+    "model_at",
     "removal_effects",
+    "removal_estimate",
     "softmax_regression_hessian",
     "softmax_regression_operator",
     "solver_budgets",
@@ -234,11 +237,11 @@ def losses(x: Tensor, y: Tensor, theta: Tensor) -> Tensor:
     return out[0] if single else out
 
 
-def per_sample_grads(x: Tensor, y: Tensor, theta: Tensor) -> Tensor:
+def loss_grads(x: Tensor, y: Tensor, theta: Tensor) -> Tensor:
     """∇ℓ(z_i, W) = (p_i − e_{y_i}) ⊗ x_i for every row, flattened like ``W.reshape(-1)``: ``[n, c·d]``.
 
     The loss gradient only (no L2 term, no weight), as :func:`helpers.influence.per_sample_grads`. Memory n·c·d
-    numbers — the chapter's influence computation never forms it (see :func:`predict_removal`). Cost O(n·c·d).
+    numbers — the chapter's influence computation never forms it (see :func:`removal_estimate`). Cost O(n·c·d).
     """
     _check_xy(x, y)
     _check_theta(theta, x.shape[1])
@@ -756,19 +759,31 @@ def _fit(x: Tensor, y: Tensor, theta0: Tensor, w: Tensor | None, l2: float, tol:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, theta: Tensor, *,
-                    l2: float, weights: Tensor | None = None, damping: float = 0.0,
-                    include_l2_in_hessian: bool = True, method: Method = "exact",
-                    factor: HessianFactor | None = None, cache: bool = False,
-                    **solver_options: Any) -> InfluenceResult:
+def model_at(theta: Tensor) -> LogisticRegression:
+    """The bias-free :class:`helpers.models.LogisticRegression` whose ``linear.weight`` is ``theta`` ``[c, d]`` (a
+    copy, in theta's dtype): what the engine's functions take (:func:`helpers.influence.predict_removal` runs
+    this module's closed forms on it, :func:`removal_estimate`)."""
+    if theta.dim() != 2:
+        raise ValueError(f"theta must be [n_classes, n_features], got shape {tuple(theta.shape)}")
+    model = LogisticRegression(theta.shape[1], theta.shape[0], bias=False, dtype=theta.dtype).to(theta.device)
+    with torch.no_grad():
+        model.linear.weight.copy_(theta)
+    return model
+
+
+def removal_estimate(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, theta: Tensor, *,
+                     l2: float, weights: Tensor | None = None, damping: float = 0.0,
+                     include_l2_in_hessian: bool = True, method: Method = "exact",
+                     factor: HessianFactor | None = None, **solver_options: Any) -> InfluenceResult:
     """Δ_pred ``[n_test, n_train]`` for softmax regression at W: the predicted change of each test loss when each
     training point is removed (loss units; positive = the point helped), the book's convention (STUDY.md §1):
 
         Δ_pred[t, i] = w_i ∇ℓ(z_test_t, W)ᵀ (H + δI)⁻¹ ∇ℓ(z_i, W),     H = ∇²R(W) (λI included unless asked not to).
 
-    The same numbers as :func:`helpers.influence.predict_removal` on ``logistic_regression(d, c)`` with
-    ``params={"linear.weight": W}``, computed without autodiff and without forming the ``[n_train, c·d]``
-    training gradients: with V_t = (H + δI)⁻¹ ∇ℓ_test_t as a ``[c, d]`` matrix, ∇ℓ_iᵀ V_t = (p_i − e_{y_i})ᵀ V_t x_i.
+    The closed-form backend of :func:`helpers.influence.predict_removal`, which calls it for a bias-free
+    :class:`helpers.models.LogisticRegression` (:func:`model_at`): call that. Computed without autodiff and without
+    forming the ``[n_train, c·d]`` training gradients: with V_t = (H + δI)⁻¹ ∇ℓ_test_t as a ``[c, d]`` matrix,
+    ∇ℓ_iᵀ V_t = (p_i − e_{y_i})ᵀ V_t x_i.
 
     Args:
         method: ``"exact"`` — :func:`solve_exact` (direct with ``factor`` of this matrix, else preconditioned CG
@@ -778,9 +793,8 @@ def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Te
             ``**solver_options`` (e.g. ``maxiter``, ``depth``, ``scale``, ``rank``).
         include_l2_in_hessian: ``False`` solves with the data term alone (singular: give damping > 0, or
             ``method="pinv"``).
-        cache: memoize the result (:func:`helpers.cache.memoize`) under every argument but ``factor``, which only
-            makes the solve faster (direct or preconditioned), never changes its answer beyond the solver's
-            tolerance.
+        factor: a :class:`HessianFactor` (:func:`factorize`): only makes the solve faster (direct or
+            preconditioned), never changes its answer beyond the solver's tolerance.
 
     Returns:
         :class:`helpers.influence.InfluenceResult` (``solve.relative_residual`` per test point, ``solve.info["hvps"]``
@@ -788,13 +802,6 @@ def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Te
 
     Cost: one solve with n_test right-hand sides and two GEMMs of n_train·d·(n_test·c).
     """
-    if cache:
-        key = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "theta": theta,
-               "l2": float(l2), "weights": weights, "damping": float(damping),
-               "include_l2_in_hessian": bool(include_l2_in_hessian), "method": method, **solver_options}
-        return memoize("convex_predict_removal", key, lambda: predict_removal(
-            x_train, y_train, x_test, y_test, theta, l2=l2, weights=weights, damping=damping,
-            include_l2_in_hessian=include_l2_in_hessian, method=method, factor=factor, **solver_options))
     _check_xy(x_train, y_train)
     _check_xy(x_test, y_test, "test")
     _check_theta(theta, x_train.shape[1])
@@ -804,7 +811,7 @@ def predict_removal(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Te
     n = x_train.shape[0]
     w = _weights(weights, n, x_train)
     l2_h = _check_l2(l2) if include_l2_in_hessian else 0.0
-    g_test = per_sample_grads(x_test, y_test, theta)  # [T, c·d], T small
+    g_test = loss_grads(x_test, y_test, theta)  # [T, c·d], T small
     if method == "exact":
         result = solve_exact(x_train, theta, g_test.T.contiguous(), weights=weights, l2=l2_h, damping=damping,
                              factor=factor, **solver_options)
@@ -1143,18 +1150,18 @@ def solver_budgets(x: Tensor, y: Tensor, theta: Tensor, x_test: Tensor, y_test: 
 
     def compute() -> tuple[float, list[BudgetRun]]:
         op = softmax_regression_operator(x, theta, l2=l2)
-        g = per_sample_grads(x_test, y_test, theta).T.contiguous()
+        g = loss_grads(x_test, y_test, theta).T.contiguous()
         lam_max = float(extreme_eigenvalues(op, 1, "LA")[0])
         runs = []
         for iters in params["cg_iterations"]:
-            res = predict_removal(x, y, x_test, y_test, theta, l2=l2, method="cg", maxiter=iters, rtol=0.0)
+            res = removal_estimate(x, y, x_test, y_test, theta, l2=l2, method="cg", maxiter=iters, rtol=0.0)
             runs.append(BudgetRun("cg", iters, int(res.solve.info["hvps"]), res.solve.x[:, 0]))
         for scale in params["lissa_scales"]:
             label = "lissa, s = λmax" if scale == 0 else f"lissa, s = {scale:g}"
             for depth, res in lissa_path(op, g, params["lissa_depths"], scale=scale or lam_max).items():
                 runs.append(BudgetRun(label, depth, int(res.info["hvps"]), res.x[:, 0]))
         for rank in params["arnoldi_ranks"]:
-            res = predict_removal(x, y, x_test, y_test, theta, l2=l2, method="arnoldi", rank=rank)
+            res = removal_estimate(x, y, x_test, y_test, theta, l2=l2, method="arnoldi", rank=rank)
             runs.append(BudgetRun("arnoldi", rank, int(res.solve.info["hvps"]), res.solve.x[:, 0]))
         return lam_max, runs
 
@@ -1241,7 +1248,7 @@ def verify(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *, l2: float, t
     tp = np.asarray(test_points, dtype=np.int64).reshape(-1)
     xt, yt = x_test[tp], y_test[tp]
     factor = factorize(x, f.theta, l2=l2, keep_block=keep_block)
-    est = predict_removal(x, y, xt, yt, f.theta, l2=l2, factor=factor)
+    est = removal_estimate(x, y, xt, yt, f.theta, l2=l2, factor=factor)
     n = x.shape[0]
     k = min(int(n_extremes), n)
     extremes = torch.topk(est.values.abs(), k, dim=1).indices.numpy()

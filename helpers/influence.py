@@ -10,23 +10,34 @@ subset, the L2 term included by default; δ is an explicit damping.
 Removing point i is the weight change w_i → 0, and one Newton step from θ̂ with H in place of the leave-one-out
 Hessian moves the parameters by Δθ_i = w_i (H + δI)⁻¹ ∇ℓ(z_i, θ̂) (:func:`predict_param_change`); the test loss
 then changes by ∇ℓ(z_test, θ̂)ᵀ Δθ_i.
+
+Backends. :func:`predict_removal` is one interface; for a bias-free :class:`helpers.models.LogisticRegression`
+(the convex case) it runs the closed forms of :mod:`helpers.convex` (:func:`helpers.convex.removal_estimate`:
+assembled Hessian blocks, no autodiff, no ``[n_train, d]`` gradients) — the same numbers to round-off, at a
+fraction of the cost — and autodiff Hessian-vector products for every other model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from helpers import memory
+from helpers.cache import memoize
 from helpers.curvature import CurvatureKind, check_problem, hessian_operator
+from helpers.models import LogisticRegression
 from helpers.objective import LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
 
-__all__ = ["InfluenceResult", "directional_derivatives", "per_sample_grads", "predict_param_change", "predict_removal"]
+#: where :func:`predict_removal` computes (see its ``backend`` argument)
+Backend = Literal["auto", "autodiff", "closed_form"]
+BACKENDS: tuple[str, ...] = ("auto", "autodiff", "closed_form")
+
+__all__ = ["BACKENDS", "Backend", "InfluenceResult", "directional_derivatives", "per_sample_grads", "predict_param_change", "predict_removal"]
 
 
 def per_sample_grads(
@@ -229,6 +240,8 @@ def predict_removal(
     damping: float | str = 0.0,
     hessian: CurvatureKind = "hessian",
     include_l2_in_hessian: bool = True,
+    cache: bool = False,
+    backend: Backend = "auto",
     **solver_options: Any,
 ) -> InfluenceResult:
     """Predicted change of each test loss when each training point is removed: ``[n_test, n_train]``.
@@ -244,6 +257,13 @@ def predict_removal(
         hessian: ``"hessian"`` (exact) or ``"gauss_newton"``.
         include_l2_in_hessian: ``False`` reproduces the seed paper's last-layer Hessian without λI
             (STUDY.md §3 item 5: exactly singular — pair it with ``method="pinv"``).
+        cache: memoize the result on disk (:func:`helpers.cache.memoize`) under the model (architecture and
+            values), the data and every option.
+        backend: ``"auto"``: a bias-free :class:`~helpers.models.LogisticRegression` with cross-entropy, all of its
+            weights and a numeric damping runs :func:`helpers.convex.removal_estimate` (closed forms; its
+            Gauss–Newton matrix is its Hessian, the model being linear), every other case autodiff;
+            ``"autodiff"`` / ``"closed_form"`` insist (the tests compare the two).
+        solver_options: also ``factor=`` (a :class:`helpers.convex.HessianFactor`) for the closed-form backend.
 
     Cost: n_test per-sample gradients, one solve with only n_test right-hand sides (H is symmetric, so
     g_testᵀ H⁻¹ g_i = (H⁻¹ g_test)ᵀ g_i: solving for the few test gradients instead of the many training
@@ -253,6 +273,29 @@ def predict_removal(
     """
     if not isinstance(test, (tuple, list)) or len(test) != 2:
         raise TypeError("test must be a pair (x_test, y_test)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    options = dict(params=params, l2=l2, weights=weights, loss=loss, method=method, damping=damping, hessian=hessian,
+                   include_l2_in_hessian=include_l2_in_hessian, backend=backend, **solver_options)
+    if cache:
+        key = {"model": model, "train": list(train), "test": list(test)} | {
+            k: v for k, v in options.items() if k != "factor"}  # a factor only speeds the solve up
+        return memoize("predict_removal", key, lambda: predict_removal(model, train, test, **options))
+    closed = _closed_form(model, params, loss, damping)
+    if backend == "closed_form" and not closed:
+        raise ValueError("backend='closed_form' needs a bias-free LogisticRegression (helpers.convex.model_at), "
+                         "loss='cross_entropy', all of its parameters and a numeric damping: use backend='auto'")
+    if closed and backend != "autodiff":
+        from helpers.convex import removal_estimate  # the backend imports this module: load it on demand
+
+        est = removal_estimate(train[0].flatten(1), train[1], test[0].flatten(1), test[1],
+                               model.linear.weight.detach(), l2=l2, weights=weights, damping=float(damping),
+                               include_l2_in_hessian=include_l2_in_hessian, method=method, **solver_options)
+        est.hessian = hessian
+        return est
+    if "factor" in solver_options:
+        raise TypeError("factor= serves only the closed-form backend (a bias-free LogisticRegression with "
+                        "cross-entropy, all parameters and a numeric damping): drop it for this model")
     P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
     check_problem(model, P, test[0], test[1], loss=loss, what="test")
     g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
@@ -266,6 +309,12 @@ def predict_removal(
         hessian=hessian,
         l2_in_hessian=l2_h,
     )
+
+
+def _closed_form(model: nn.Module, params: str | list[str], loss: str, damping: float | str) -> bool:
+    """Whether :func:`helpers.convex.removal_estimate` computes exactly this estimate."""
+    return (isinstance(model, LogisticRegression) and model.linear.bias is None and loss == "cross_entropy"
+            and not isinstance(damping, str) and param_names(model, params) == ["linear.weight"])
 
 
 def predict_param_change(

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from helpers.objective import param_names
+
 MODELS: tuple[str, ...] = ("logreg", "mlp", "lenet5", "small_cnn", "vgg", "bayesian_mlp")
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -497,8 +499,10 @@ def n_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def init_params(model: nn.Module, seed: int) -> dict[str, Tensor]:
-    """Fresh initial parameters for ``model``'s architecture, as ``build(..., seed=seed)`` would draw them.
+def init_params(model: nn.Module, seed: int, params: str | list[str] = "all") -> dict[str, Tensor]:
+    """Fresh initial parameters for ``model``'s architecture, as ``build(..., seed=seed)`` would draw them,
+    restricted to the subset ``params`` (``"all"``, ``"last"`` or names: :func:`helpers.objective.param_names`) —
+    what ``fit_ensemble(seeds=...)`` starts from.
 
     Returns ``{name: tensor}`` (detached, on the model's devices, in its dtypes); the model is not changed.
     Stack the dicts of k seeds (``torch.stack`` per name, or ``torch.func.stack_module_state`` on k built
@@ -513,4 +517,5 @@ def init_params(model: nn.Module, seed: int) -> dict[str, Tensor]:
             if callable(reset):
                 reset()
     devices = {n: p.device for n, p in model.named_parameters()}
-    return {n: p.detach().to(devices[n]) for n, p in clone.named_parameters()}
+    values = {n: p.detach().to(devices[n]) for n, p in clone.named_parameters()}
+    return {n: values[n] for n in param_names(model, params)}

@@ -30,7 +30,8 @@ from torch.func import functional_call, vmap
 
 from helpers.cache import memoize
 from helpers.objective import LooObjective, Params, loss_from_outputs, param_names, per_sample_losses, removal_weights
-from helpers.train import MemberObjective, Recipe, fit_ensemble, init_params, model_with, train_ensemble
+from helpers.models import init_params
+from helpers.train import MemberObjective, Recipe, fit_ensemble, model_with, train_ensemble
 
 Data = tuple[Tensor, Tensor]
 
@@ -206,7 +207,7 @@ def cold_start(model: nn.Module, train: Data, test: Data, removed: Sequence[int]
     """Cold-start leave-one-out: retrain from a fresh random init per seed, with and without each z_i.
 
     For seed s: Δ_s[t, j] = ℓ(z_t, θ_s without z_removed[j]) − ℓ(z_t, θ_s on all data), both started from
-    :func:`helpers.train.init_params` ``(model, s)`` (mini-batch order from ``recipe.seed``, shared).
+    :func:`helpers.models.init_params` ``(model, s)`` (mini-batch order from ``recipe.seed``, shared).
 
     Returns:
         :class:`GroundTruth` with ``delta`` = mean over seeds ``[n_test, n_removed]``, ``delta_per_seed``

@@ -56,7 +56,7 @@ from helpers.curvature import CurvatureOperator, extreme_eigenvalues, hessian_op
 from helpers.influence import per_sample_grads, predict_removal
 from helpers.objective import param_names, removal_weights
 from helpers.solvers import solve
-from helpers.train import (EnsembleResult, MemberObjective, Recipe, fit_ensemble, floor_bound, init_params, model_with,
+from helpers.train import (EnsembleResult, MemberObjective, Recipe, fit_ensemble, floor_bound, model_with,
                            train_ensemble)
 
 __all__ = [
@@ -422,7 +422,7 @@ def _member_inits(stack: Stack, members: pd.DataFrame, dtype: torch.dtype) -> Te
     rows = []
     for depth, width, seed in members[["depth", "width", "seed"]].itertuples(index=False):
         real = stack.build(int(depth), int(width), dtype=torch.float64)
-        rows.append(stack.embed(init_params(real, int(seed)), int(depth), int(width)))
+        rows.append(stack.embed(models.init_params(real, int(seed)), int(depth), int(width)))
     return torch.stack(rows).to(dtype)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from helpers import memory
+from helpers.models import init_params
 from helpers.objective import LOSS_NAMES, Params, objective, param_names
 
 OptimizerName = Literal["newton", "lbfgs", "adam", "sgd"]
@@ -86,7 +87,7 @@ class Recipe:
         swa_start: fraction of the epochs after which the parameters are averaged (equal weights, after each
             epoch), e.g. 0.75 → SWA over the last 25 %; None = off. The result holds the average.
         seed: the seed of the mini-batch permutation stream (shared by all members of an ensemble). Random
-            initialisation is separate: :func:`init_params` / ``fit_ensemble(seeds=...)``.
+            initialisation is separate: :func:`helpers.models.init_params` / ``fit_ensemble(seeds=...)``.
         batch_size: None = full batch.
         dtype: ``"float64"`` or ``"float32"``: model copy, data and parameters are cast to it.
         loss: ``"cross_entropy"`` or ``"mse"`` (see :func:`helpers.objective.loss_from_outputs`).
@@ -258,16 +259,6 @@ def model_with(model: nn.Module, params: Params | None = None, *, dtype: torch.d
                                      f"{tuple(named[k].shape)}")
                 named[k].copy_(v)
     return work
-
-
-def init_params(model: nn.Module, seed: int, params: str | list[str] = "all") -> dict[str, Tensor]:
-    """A fresh random initialisation of ``model`` under ``seed`` (:func:`helpers.models.init_params`), restricted
-    to the subset ``params`` (``"all"``, ``"last"`` or names) — what ``fit_ensemble(seeds=...)`` starts from.
-    """
-    from helpers.models import init_params as fresh
-
-    values = fresh(model, seed)
-    return {n: values[n] for n in param_names(model, params)}
 
 
 def _cast_data(x: Tensor, y: Tensor, recipe: Recipe) -> tuple[Tensor, Tensor]:
@@ -585,7 +576,8 @@ def fit_ensemble(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weig
             None (1/n for every member).
         inits: starting values, stacked ``{name: [k, ...]}`` or a single dict broadcast to all members (a single
             dict may also hold frozen parameters' values); default the module's values.
-        seeds: k seeds for a random initialisation of each member (:func:`init_params`); excludes ``inits``.
+        seeds: k seeds for a random initialisation of each member (:func:`helpers.models.init_params`);
+            excludes ``inits``.
         params: trained subset, as in :func:`fit`.
 
     Returns:

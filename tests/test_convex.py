@@ -66,7 +66,7 @@ def test_gradients_and_objective_match_autodiff():
     x, y, theta = _problem()
     model = _model(theta)
     ref = influence.per_sample_grads(model, model_params(model), x, y)
-    assert torch.allclose(convex.per_sample_grads(x, y, theta), ref, rtol=0, atol=1e-14)
+    assert torch.allclose(convex.loss_grads(x, y, theta), ref, rtol=0, atol=1e-14)
     w = removal_weights(x.shape[0], [3, -1])
     thetas = torch.stack([theta, 2 * theta])
     values, grads = convex.objective_and_grad(x, y, thetas, weights=w, l2=L2)
@@ -171,8 +171,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_predict_removal_matches_generic_influence(fitted, options):
     x, y, xt, yt, f = fitted
     model = _model(f.theta)
-    ours = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, **options)
-    ref = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, **options)
+    ours = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, **options)
+    ref = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, backend="autodiff", **options)
     assert ours.values.shape == (xt.shape[0], x.shape[0])
     assert torch.allclose(ours.values, ref.values, rtol=0, atol=1e-12 * float(ref.values.abs().max()))
     assert ours.l2_in_hessian == ref.l2_in_hessian
@@ -197,7 +197,7 @@ def test_leave_one_out_matches_warm_start_newton(fitted, loo):
     _, g = convex.objective_and_grad(x, y, ours.params["linear.weight"], weights=w, l2=L2)
     assert float(g.flatten(1).norm(dim=1).max()) < 1e-12
     # the first chord step is a one-step Newton estimate: much closer to the truth than the influence estimate
-    pred = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2).values[:, removed].numpy()
+    pred = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2).values[:, removed].numpy()
     one = ours.settings["one_step_delta"]
     assert np.linalg.norm(one - ours.delta) < np.linalg.norm(pred - ours.delta)
 
@@ -215,7 +215,7 @@ def test_leave_one_out_is_cached(tmp_path, monkeypatch, fitted):
 def test_solvers_run_on_the_closed_form_operator(fitted):
     x, y, xt, yt, f = fitted
     op = convex.softmax_regression_operator(x, f.theta, l2=L2)
-    b = convex.per_sample_grads(xt, yt, f.theta).T.contiguous()
+    b = convex.loss_grads(xt, yt, f.theta).T.contiguous()
     exact = solve(op, b, method="exact")
     for method, opts in (("lissa", {"depth": 3000}), ("arnoldi", {"rank": op.dim})):
         res = solve(op, b, method=method, **opts)
@@ -225,7 +225,7 @@ def test_solvers_run_on_the_closed_form_operator(fitted):
 def test_lissa_path_equals_separate_runs(fitted):
     x, y, xt, yt, f = fitted
     op = convex.softmax_regression_operator(x, f.theta, l2=L2)
-    b = convex.per_sample_grads(xt, yt, f.theta).T.contiguous()
+    b = convex.loss_grads(xt, yt, f.theta).T.contiguous()
     path = convex.lissa_path(op, b, [3, 10, 25], scale=2.0, damping=0.01)
     for depth, res in path.items():
         ref = solve(op, b, method="lissa", depth=depth, scale=2.0, damping=0.01)
@@ -234,16 +234,41 @@ def test_lissa_path_equals_separate_runs(fitted):
         assert res.info["hvps"] == depth * b.shape[1]
 
 
+def test_engine_runs_the_closed_form_backend_for_softmax_regression(fitted):
+    """influence.predict_removal on a bias-free LogisticRegression is convex.removal_estimate, bit for bit; a model
+    with a bias, a parameter subset it does not cover, or damping="auto" takes the autodiff path."""
+    x, y, xt, yt, f = fitted
+    model = convex.model_at(f.theta)
+    assert torch.equal(model.linear.weight, f.theta) and model.linear.bias is None
+    engine = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.05, method="cg", rtol=1e-12)
+    backend = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, damping=0.05, method="cg", rtol=1e-12)
+    assert torch.equal(engine.values, backend.values)
+    autodiff = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.05, method="cg", rtol=1e-12,
+                                         backend="autodiff")
+    assert not torch.equal(autodiff.values, engine.values)  # another computation: equal only to round-off
+    assert torch.allclose(autodiff.values, engine.values, rtol=0, atol=1e-10 * float(engine.values.abs().max()))
+    assert influence._closed_form(model, "all", "cross_entropy", 0.0)
+    assert not influence._closed_form(model, "all", "cross_entropy", "auto")
+    assert not influence._closed_form(model, "all", "mse", 0.0)
+    with_bias = models.logistic_regression(x.shape[1], f.theta.shape[0], bias=True, dtype=torch.float64)
+    assert not influence._closed_form(with_bias, "all", "cross_entropy", 0.0)
+    with pytest.raises(ValueError, match="closed_form"):
+        influence.predict_removal(with_bias, (x, y), (xt, yt), l2=L2, backend="closed_form")
+    with pytest.raises(TypeError, match="factor"):
+        influence.predict_removal(with_bias, (x, y), (xt, yt), l2=L2, factor=convex.factorize(x, f.theta, l2=L2))
+
+
 def test_predict_removal_cache_ignores_the_factor(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path))
     x, y, xt, yt, f = fitted
-    plain = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.1)
+    model = convex.model_at(f.theta)
+    plain = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, damping=0.1)
     factor = convex.factorize(x, f.theta, l2=L2, damping=0.1)
-    first = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.1, factor=factor, cache=True)
-    again = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.1, cache=True)
+    first = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.1, factor=factor, cache=True)
+    again = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.1, cache=True)
     assert torch.allclose(first.values, plain.values, rtol=1e-10, atol=1e-14)
     assert torch.equal(again.values, first.values)
-    other = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, damping=0.2, cache=True)
+    other = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.2, cache=True)
     assert not torch.allclose(other.values, first.values)
     assert [e["event"] for e in cache.read_log(tmp_path)] == ["miss", "hit", "miss"]
 
@@ -257,7 +282,7 @@ def test_solver_budgets_are_the_solvers_runs_and_cached(fitted, tmp_path, monkey
     assert lam_max == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
     assert [(r.solver, r.knob) for r in runs] == [("cg", 1), ("cg", 50), ("lissa, s = λmax", 5), ("lissa, s = λmax", 20),
                                                    ("lissa, s = 4", 5), ("lissa, s = 4", 20), ("arnoldi", 3)]
-    g = convex.per_sample_grads(xt[:1], yt[:1], f.theta)[0]
+    g = convex.loss_grads(xt[:1], yt[:1], f.theta)[0]
     exact = torch.linalg.solve(dense, g)
     assert torch.allclose(runs[1].x, exact, rtol=1e-8, atol=1e-10)  # 50 CG steps on 18 unknowns: exact
     assert (runs[0].x - exact).norm() > 1e-3 * exact.norm()  # one step is not
@@ -320,13 +345,13 @@ def test_fast_paths_of_the_benchmark_match_the_exact_answer(fitted):
     """The settings `make bench` times on P1: block CG with float32 refinement on the closed-form operator
     reaches the exact answer to its tolerance, and Arnoldi on a fixed Krylov space agrees with the autodiff path."""
     x, y, xt, yt, f = fitted
-    exact = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, method="exact")
-    fast = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, method="cg", rtol=1e-10, block=True,
-                                  low_precision=torch.float32)
+    exact = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="exact")
+    fast = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="cg", rtol=1e-10, block=True,
+                                   low_precision=torch.float32)
     assert fast.solve.method == "cg+refine" and fast.solve.max_relative_residual <= 1e-10
     assert torch.allclose(fast.values, exact.values, rtol=0, atol=1e-8 * float(exact.values.abs().max()))
-    ours = convex.predict_removal(x, y, xt, yt, f.theta, l2=L2, method="arnoldi", rank=5, krylov_dim=10)
+    ours = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="arnoldi", rank=5, krylov_dim=10)
     ref = influence.predict_removal(_model(f.theta), (x, y), (xt, yt), l2=L2, method="arnoldi", rank=5,
-                                    krylov_dim=10)
+                                    krylov_dim=10, backend="autodiff")
     assert ours.solve.iterations == ref.solve.iterations == 10
     assert torch.allclose(ours.values, ref.values, rtol=0, atol=1e-8 * float(ref.values.abs().max()))

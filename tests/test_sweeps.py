@@ -13,7 +13,8 @@ import torch
 from helpers import models, paper_data, retrain, sweeps
 from helpers.influence import predict_removal
 from helpers.objective import per_sample_losses
-from helpers.train import Recipe, fit, init_params, model_with
+from helpers.models import init_params
+from helpers.train import Recipe, fit, model_with
 
 F64 = torch.float64
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from helpers.objective import objective, removal_weights
-from helpers.train import EnsembleResult, Recipe, fit, fit_ensemble, init_params
+from helpers.models import init_params
+from helpers.train import EnsembleResult, Recipe, fit, fit_ensemble
 from tiny_models import LogReg, MLP
 
 

@@ -10,7 +10,8 @@ from helpers import metrics, retrain, validation as V
 from helpers.influence import predict_removal
 from helpers.objective import per_sample_losses
 from helpers.retrain import GroundTruth
-from helpers.train import Recipe, fit, init_params, model_with
+from helpers.models import init_params
+from helpers.train import Recipe, fit, model_with
 from tests.tiny_models import LogReg, MLP
 
 L2 = 1e-2

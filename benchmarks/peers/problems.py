@@ -2,7 +2,7 @@
 
 P1  ``mnist5k`` multinomial logistic regression, 784×10 weights, no bias, L2 λ = 0.01, no damping.
     θ̂: :func:`helpers.convex.fit` (L-BFGS, then Newton with the closed-form Hessian) to ‖∇R‖₂ < 1e-10.
-    Reference: :func:`helpers.convex.predict_removal` with ``method="exact"`` — the closed-form float64 Hessian
+    Reference: :func:`helpers.convex.removal_estimate` with ``method="exact"`` — the closed-form float64 Hessian
     (L2 term included), Cholesky-factored (relative residual ~1e-15).
 P2  the same split, a 784-64-10 tanh MLP with biases (50,890 parameters), all-parameter influence with damping
     δ = 0.01 on top of an L2 term λ = 1e-3 (weak weight decay, so that θ̂ is a well-defined minimum).
@@ -52,7 +52,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "P1": {
         "dataset": "mnist5k", "split_seed": 0, "model": "logistic_regression", "d_in": 784, "n_classes": 10,
         "bias": False, "l2": 0.01, "damping": 0.0, "fit": "helpers.convex.fit(tol=1e-10)",
-        "reference": "helpers.convex.predict_removal(method='exact'): closed-form Hessian, Cholesky, float64",
+        "reference": "helpers.convex.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
     },
     "P2": {
         "dataset": "mnist5k", "split_seed": 0, "model": "mlp", "d_in": 784, "n_classes": 10, "depth": 1,
@@ -68,7 +68,7 @@ TINY_SPECS: dict[str, dict[str, Any]] = {
         "size": "tiny", "dataset": "digits", "split_seed": 0, "n_train": 200, "n_test": 50,
         "model": "logistic_regression", "d_in": 64, "n_classes": 10, "bias": False, "l2": 0.1, "damping": 0.0,
         "fit": "helpers.convex.fit(tol=1e-10)",
-        "reference": "helpers.convex.predict_removal(method='exact'): closed-form Hessian, Cholesky, float64",
+        "reference": "helpers.convex.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
     },
     "P2": {
         "size": "tiny", "dataset": "digits", "split_seed": 0, "n_train": 200, "n_test": 50, "model": "mlp",
@@ -122,7 +122,7 @@ def _p1(split: data.Split, spec: dict[str, Any]
     test_idx = _test_points(split, fit.theta)
     xt, yt = split.x_test[test_idx], split.y_test[test_idx]
     t0 = time.perf_counter()
-    ref = convex.predict_removal(split.x_train, split.y_train, xt, yt, fit.theta, l2=spec["l2"], method="exact")
+    ref = convex.removal_estimate(split.x_train, split.y_train, xt, yt, fit.theta, l2=spec["l2"], method="exact")
     t_ref = time.perf_counter() - t0
     info = {"grad_norm": fit.grad_norm, "fit_seconds": t_fit, "reference_seconds": t_ref,
             "reference_residual": ref.solve.max_relative_residual}

@@ -130,7 +130,7 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
     """helpers' methods; ``method`` is ``<entry point>:<solver>``.
 
     * ``generic:<solver>`` — :func:`helpers.influence.predict_removal` (autodiff Hessian-vector products);
-    * ``convex:<solver>`` — :func:`helpers.convex.predict_removal` (P1 only: closed-form Hessian / products).
+    * ``convex:<solver>`` — :func:`helpers.convex.removal_estimate` (P1 only: closed-form Hessian / products).
     """
     from helpers import convex
     from helpers.influence import predict_removal
@@ -143,13 +143,14 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
         theta = model.linear.weight.detach()
 
         def call() -> tuple[np.ndarray, dict]:
-            r = convex.predict_removal(P.x, P.y, P.xt, P.yt, theta, l2=P.l2, damping=P.damping, method=solver,
-                                       **opts)
+            r = convex.removal_estimate(P.x, P.y, P.xt, P.yt, theta, l2=P.l2, damping=P.damping, method=solver,
+                                        **opts)
             return r.values.numpy(), {"residual": r.solve.max_relative_residual, "iterations": r.solve.iterations}
     else:
 
         def call() -> tuple[np.ndarray, dict]:
-            r = predict_removal(model, (P.x, P.y), (P.xt, P.yt), l2=P.l2, damping=P.damping, method=solver, **opts)
+            r = predict_removal(model, (P.x, P.y), (P.xt, P.yt), l2=P.l2, damping=P.damping, method=solver,
+                                backend="autodiff", **opts)
             return r.values.numpy(), {"residual": r.solve.max_relative_residual, "iterations": r.solve.iterations}
 
     return call
