@@ -67,7 +67,7 @@ __all__ = [
     "batched_last_layer_influence", "paper_inverse_influence", "bnn_last_layer_influence", "hessian_spectrum",
     "stack_hessian_spectra", "lanczos_check", "run_iris_chunk", "run_iris_sweeps", "floor_table",
     "full_length_check", "full_length_tasks", "compare_full_length", "member_retraining_curve", "summarize_runs",
-    "compare_bars", "run_deep", "paired_bars",
+    "compare_bars", "regime_gap", "run_deep", "paired_bars",
 ]
 
 
@@ -1586,6 +1586,32 @@ def compare_bars(book: pd.DataFrame, paper: pd.DataFrame, on: Sequence[str],
         merged[f"separate_{col}"] = ((merged[f"book_{col}_low"] > merged[f"paper_{col}_high"])
                                      | (merged[f"book_{col}_high"] < merged[f"paper_{col}_low"]))
     return merged
+
+
+def regime_gap(comparison: pd.DataFrame, regime: str, column: str = "abs_spearman") -> dict[str, Any]:
+    """One regime's bars beside the paper's (rows of :func:`compare_bars`): how many settings both sides ran, how
+    many have disjoint 95 % intervals, and a sentence listing every setting (book value and interval, paper's).
+
+    Returns ``{"n", "n_separate", "n_below", "text"}`` (``n_below``: disjoint with the book's interval below the
+    paper's); ``text`` says so when the regime has no bar on one of the sides.
+    """
+    need = {"sweep", "regime", "value", f"book_{column}", f"paper_{column}", f"separate_{column}"}
+    if not need <= set(comparison.columns):
+        raise ValueError(f"comparison lacks {sorted(need - set(comparison.columns))}: pass compare_bars()'s frame")
+    part = comparison[comparison.regime == regime].sort_values(["sweep", "value"])
+    if part.empty:
+        return {"n": 0, "n_separate": 0, "n_below": 0,
+                "text": f"the {regime} regime has no bar on both sides in this profile"}
+    pieces = [f"{r.sweep} {r.value}: {getattr(r, 'book_' + column):.2f} "
+              f"({getattr(r, 'book_' + column + '_low'):.2f}–{getattr(r, 'book_' + column + '_high'):.2f}) "
+              f"against {getattr(r, 'paper_' + column):.2f} "
+              f"({getattr(r, 'paper_' + column + '_low'):.2f}–{getattr(r, 'paper_' + column + '_high'):.2f})"
+              for r in part.itertuples()]
+    n_sep = int(part[f"separate_{column}"].sum())
+    n_below = int((part[f"book_{column}_high"] < part[f"paper_{column}_low"]).sum())
+    return {"n": int(len(part)), "n_separate": n_sep, "n_below": n_below,
+            "text": f"{'; '.join(pieces)}. The intervals are disjoint in {n_sep} of {len(part)} settings, the book's "
+                    f"below the paper's in {n_below}"}
 
 
 # ============================================================================================ larger models

@@ -445,3 +445,18 @@ def test_floor_table_and_full_length_check() -> None:
     assert (check["delta_max_abs_diff"] < 1e-3).all() and (check["spearman_diff"].abs() < 0.5).all()
     curve = sweeps.member_retraining_curve(cfg, 1, "l2", 0, [5, 50], cache=False)
     assert len(curve) == 2 * 4 and set(curve["epochs"]) == {5, 50} and np.isfinite(curve["est_paper"]).all()
+
+
+def test_regime_gap_counts_disjoint_settings_and_says_which_side():
+    df = pd.DataFrame({"sweep": ["depth", "depth", "width"], "regime": ["bnn", "bnn", "l2"], "value": [1, 2, 8],
+                       "book_abs_spearman": [0.16, 0.5, 0.9], "book_abs_spearman_low": [0.1, 0.4, 0.85],
+                       "book_abs_spearman_high": [0.2, 0.6, 0.95], "paper_abs_spearman": [0.76, 0.55, 0.7],
+                       "paper_abs_spearman_low": [0.7, 0.5, 0.6], "paper_abs_spearman_high": [0.8, 0.6, 0.8]})
+    df["separate_abs_spearman"] = [True, False, True]
+    gap = sweeps.regime_gap(df, "bnn")
+    assert (gap["n"], gap["n_separate"], gap["n_below"]) == (2, 1, 1)
+    assert gap["text"].startswith("depth 1: 0.16 (0.10–0.20) against 0.76 (0.70–0.80); depth 2: 0.50")
+    assert sweeps.regime_gap(df, "l2")["n_below"] == 0  # disjoint, but the book above
+    assert sweeps.regime_gap(df, "nol2")["n"] == 0
+    with pytest.raises(ValueError, match="compare_bars"):
+        sweeps.regime_gap(df.drop(columns="separate_abs_spearman"), "bnn")
