@@ -20,8 +20,9 @@ rows of H are exactly λI, so only the active block is assembled and factored.
 
 What the chapter calls:
 
-* :func:`fit` — θ̂ to ‖∇R‖ < tol: L-BFGS (scipy), then Newton steps with exact Hessian products (CG),
-  recording the first iterate below each gradient-norm threshold (the early-stopping knob). Cached.
+* :func:`objective_parts` — R, ∇R and H(W) in closed form: the backend :func:`helpers.train.fit_to_tolerance`
+  (L-BFGS, then Newton–CG to ‖∇R‖ < tol, recording the first iterate below each gradient-norm threshold — the
+  early-stopping knob) runs for a bias-free softmax regression (:func:`model_at`).
 * :func:`factorize` → :class:`HessianFactor` — H + δI assembled and Cholesky-factored once.
 * :func:`solve_exact` — (H(θ) + δI) X = B: a direct solve when the factor is of this very matrix (or of the same
   point with another diagonal), else preconditioned CG with the factor, finished by CG, to a residual of 1e-12.
@@ -41,11 +42,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.optimize
 import torch
 from torch import Tensor
 
@@ -57,9 +57,9 @@ from helpers.models import LogisticRegression
 from helpers.objective import LooObjective, removal_weights
 from helpers.retrain import GroundTruth
 from helpers.solvers import Method, SolveResult, relative_residual, solve
+from helpers.train import ToleranceFit, fit_to_tolerance
 
 __all__ = [
-    "ConvexFit",
     "HessianFactor",
     "SoftmaxRegressionOperator",
     "BudgetRun",
@@ -67,13 +67,13 @@ __all__ = [
     "choose_test_points",
     "compare",
     "factorize",
-    "fit",
     "leave_one_out",
     "lissa_path",
     "losses",
     "objective_and_grad",
     "loss_grads",
     "model_at",
+    "objective_parts",
     "removal_effects",
     "removal_estimate",
     "softmax_regression_hessian",
@@ -591,167 +591,27 @@ def _pcg(op: CurvatureOperator, B: Tensor, damping: float, factor: HessianFactor
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ConvexFit:
-    """θ̂ of softmax regression, trained to ‖∇R‖₂ < tol.
+def objective_parts(x: Tensor, y: Tensor, *, n_classes: int, weights: Tensor | None = None, l2: float
+                    ) -> tuple[Callable[[Tensor], tuple[float, Tensor, float]], Callable[[Tensor], CurvatureOperator]]:
+    """The closed-form backend of :func:`helpers.train.fit_to_tolerance` for softmax regression.
 
-    Attributes:
-        theta: ``[c, d]`` float64; loss: R(θ̂); grad_norm: ‖∇R(θ̂)‖₂; converged: grad_norm < tol.
-        history: one row per iterate: phase (0 = L-BFGS, 1 = Newton), iteration, ‖∇R‖₂, R — ``[m, 4]``.
-        snapshots: ``{threshold: (theta [c, d], grad_norm, phase, iteration)}`` — the first iterate whose gradient
-            norm fell below each requested threshold (training stopped early there).
-        newton_steps, cg_iterations: work of the Newton phase (each CG iteration is one Hessian-vector product).
-        seconds: wall time of each phase. tol, l2: as requested.
-    """
-
-    theta: Tensor
-    loss: float
-    grad_norm: float
-    converged: bool
-    history: np.ndarray
-    snapshots: dict[float, tuple[Tensor, float, int, int]]
-    newton_steps: int
-    cg_iterations: int
-    seconds: dict[str, float]
-    tol: float
-    l2: float
-
-
-def fit(x: Tensor, y: Tensor, *, l2: float, tol: float = 1e-10, weights: Tensor | None = None,
-        init: Tensor | None = None, n_classes: int | None = None, snapshots: Sequence[float] = (),
-        lbfgs_max_iter: int = 20000, newton_max_iter: int = 50, strict: bool = True, cache: bool = True
-        ) -> ConvexFit:
-    """Train softmax regression to ‖∇R‖₂ < ``tol``: L-BFGS, then Newton–CG with exact Hessian products.
-
-    L-BFGS (``scipy.optimize.minimize``, L-BFGS-B without bounds, history 20) runs from ``init`` (default zeros)
-    until ‖∇R‖₂ < tol or it stalls (near round-off its line search can no longer see the objective decrease,
-    typically at ‖∇R‖ ≈ 1e-8). Newton steps finish the job: each solves H(W) p = ∇R(W) by conjugate gradients
-    (:func:`helpers.solvers.solve` on the closed-form :class:`SoftmaxRegressionOperator`) to a relative residual
-    of min(0.5, ‖∇R‖) — quadratic convergence without forming H — and is backtracked until R decreases (Armijo),
-    so the iteration converges from anywhere when λ > 0.
-
-    Args:
-        x, y: ``[n, d]`` float64, ``[n]`` int64; l2: λ (> 0 for a unique minimiser); weights: ``[n]`` or None.
-        n_classes: c (default ``y.max() + 1``). snapshots: gradient-norm thresholds to record (early stopping).
-        lbfgs_max_iter, newton_max_iter: iteration budgets of the two phases.
-        strict: raise if ``tol`` is not met within the budgets; ``False`` returns the last iterate with
-            ``converged=False`` (e.g. to show what λ = 0 does on separable data, where no minimiser exists).
-        cache: memoise on disk (:mod:`helpers.cache`), keyed by data, λ, tol, weights, init, thresholds, budgets.
-
-    Returns:
-        :class:`ConvexFit`. Raises RuntimeError naming the gradient norm reached if ``tol`` is not met (strict).
-
-    Cost (mnist5k, 4,000 × 784, λ = 0.01, one core): ~110 L-BFGS iterations (~3 s), one Newton step of ~40 CG
-    iterations (~1 s).
+    Returns ``evaluate(W) -> (R(W), ∇R(W) [c, d], ‖∇R(W)‖₂)`` and ``operator(W)`` → the
+    :class:`SoftmaxRegressionOperator` of H(W), both for the objective with ``weights`` (default 1/n) and λ.
     """
     _check_xy(x, y)
-    c = int(n_classes) if n_classes is not None else int(y.max()) + 1
-    _check_labels(y, c)
+    _check_labels(y, int(n_classes))
     l2 = _check_l2(l2)
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    thresholds = sorted({float(t) for t in snapshots}, reverse=True)
     w = None if weights is None else _weights(weights, x.shape[0], x)
-    theta0 = torch.zeros(c, x.shape[1], dtype=x.dtype) if init is None else init.detach().to(x).clone()
-    _check_theta(theta0, x.shape[1])
-    if theta0.shape[0] != c:
-        raise ValueError(f"init has {theta0.shape[0]} classes, the labels {c}")
-
-    def compute() -> ConvexFit:
-        return _fit(x, y, theta0, w, l2, tol, thresholds, lbfgs_max_iter, newton_max_iter, strict)
-
-    if not cache:
-        return compute()
-    key = {"x": x, "y": y, "l2": l2, "tol": float(tol), "weights": w, "init": theta0, "snapshots": thresholds,
-           "lbfgs_max_iter": lbfgs_max_iter, "newton_max_iter": newton_max_iter, "strict": strict}
-    return memoize("convex_fit", key, compute)
-
-
-def _fit(x: Tensor, y: Tensor, theta0: Tensor, w: Tensor | None, l2: float, tol: float, thresholds: list[float],
-         lbfgs_max_iter: int, newton_max_iter: int, strict: bool) -> ConvexFit:
-    c, d = theta0.shape
-    n = x.shape[0]
-    wv = _weights(w, n, x)[None]
-    history: list[tuple[int, int, float, float]] = []
-    snaps: dict[float, tuple[Tensor, float, int, int]] = {}
+    wv = _weights(w, x.shape[0], x)[None]
 
     def evaluate(theta: Tensor) -> tuple[float, Tensor, float]:
         val, g = _value_grad(x, y, theta[None], wv, l2)
         return float(val[0]), g[0], float(torch.linalg.vector_norm(g[0]))
 
-    def note(theta: Tensor, val: float, gn: float, phase: int, it: int) -> None:
-        if not (math.isfinite(val) and math.isfinite(gn)):
-            raise FloatingPointError(f"non-finite objective or gradient at iteration {it}: the fit diverged")
-        history.append((phase, it, gn, val))
-        for t in thresholds:
-            if gn < t and t not in snaps:
-                snaps[t] = (theta.detach().clone(), gn, phase, it)
+    def operator(theta: Tensor) -> CurvatureOperator:
+        return softmax_regression_operator(x, theta, weights=w, l2=l2)
 
-    t0 = time.perf_counter()
-    theta = theta0.clone()
-    val, g, gn = evaluate(theta)
-    note(theta, val, gn, 0, 0)
-    if gn >= tol and lbfgs_max_iter > 0:
-        last: dict[str, Any] = {}
-
-        def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
-            th = torch.from_numpy(flat).view(c, d)
-            v, gr, gnorm = evaluate(th)
-            last.update(x=flat.copy(), v=v, gn=gnorm)
-            return v, gr.reshape(-1).numpy().copy()
-
-        count = [0]
-
-        def callback(intermediate_result: scipy.optimize.OptimizeResult) -> None:
-            count[0] += 1
-            xk = intermediate_result.x
-            if "x" in last and np.array_equal(last["x"], xk):  # the line search's last point is the iterate
-                v, gnorm = last["v"], last["gn"]
-            else:
-                v, _, gnorm = evaluate(torch.from_numpy(xk).view(c, d))
-            note(torch.from_numpy(xk.copy()).view(c, d), v, gnorm, 0, count[0])
-            if gnorm < tol:
-                raise StopIteration
-
-        res = scipy.optimize.minimize(fun, theta.reshape(-1).numpy().copy(), jac=True, method="L-BFGS-B",
-                                      callback=callback,
-                                      options={"maxiter": lbfgs_max_iter, "maxcor": 20, "ftol": 0.0, "gtol": 0.0})
-        theta = torch.from_numpy(res.x.copy()).view(c, d)
-        val, g, gn = evaluate(theta)
-    t1 = time.perf_counter()
-
-    steps = cg_total = 0
-    for it in range(1, newton_max_iter + 1):
-        if gn < tol:
-            break
-        op = softmax_regression_operator(x, theta, weights=w, l2=l2)
-        # inexact Newton: a residual of min(0.5, ‖g‖)·‖g‖ keeps the convergence quadratic
-        res = solve(op, g.reshape(-1), method="cg", rtol=max(min(0.5, gn), 1e-14))
-        cg_total += res.iterations
-        step = res.x.view(c, d)
-        slope = -float((g * step).sum())
-        t = 1.0
-        for _ in range(60):  # Armijo backtracking; round-off slack so a converged step is not refused on noise
-            cand = theta - t * step
-            v_new, g_new, gn_new = evaluate(cand)
-            if v_new <= val + 1e-4 * t * slope + 8 * torch.finfo(x.dtype).eps * abs(val):
-                break
-            t *= 0.5
-        else:
-            raise RuntimeError(f"Newton step {it} found no decrease (‖∇R‖ = {gn:.2e}): the objective is flat or "
-                               "not convex here — check l2 > 0")
-        theta, val, g, gn = cand, v_new, g_new, gn_new
-        steps += 1
-        note(theta, val, gn, 1, it)
-    t2 = time.perf_counter()
-    if gn >= tol and strict:
-        raise RuntimeError(f"softmax regression did not reach ‖∇R‖ < {tol:.0e} (reached {gn:.2e}) within "
-                           f"{newton_max_iter} Newton steps: with l2={l2} the problem may have no minimiser "
-                           "(separable data) — raise l2 or loosen tol")
-    return ConvexFit(theta=theta.clone(), loss=val, grad_norm=gn, converged=gn < tol,
-                     history=np.asarray(history, dtype=np.float64).reshape(-1, 4), snapshots=snaps,
-                     newton_steps=steps, cg_iterations=cg_total, seconds={"lbfgs": t1 - t0, "newton": t2 - t1},
-                     tol=float(tol), l2=l2)
+    return evaluate, operator
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1178,7 +1038,7 @@ class Verification:
     """Koh & Liang's check for one softmax-regression problem (chapter 1): estimate vs exact leave-one-out.
 
     Attributes:
-        fit: the :class:`ConvexFit` θ̂. factor: :class:`HessianFactor` at θ̂ (the exact Hessian, factored).
+        fit: the :class:`helpers.train.ToleranceFit` θ̂. factor: :class:`HessianFactor` at θ̂ (the exact Hessian, factored).
         influence: :class:`helpers.influence.InfluenceResult`, ``values [T, n_train]`` for the chosen test points.
         test_points: ``[T]`` indices into the test set; test_loss: ``[T]`` their losses at θ̂ (nats).
         extremes: ``[T, k]`` per test point the k training indices with the largest |Δ_pred| (descending).
@@ -1186,7 +1046,7 @@ class Verification:
         truth: :class:`helpers.retrain.GroundTruth` of :func:`leave_one_out` over the union of both sets.
     """
 
-    fit: ConvexFit
+    fit: ToleranceFit
     factor: HessianFactor
     influence: InfluenceResult
     test_points: np.ndarray
@@ -1236,13 +1096,14 @@ def verify(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *, l2: float, t
         l2: λ (also in H); tol: on ‖∇R‖ for θ̂ and for every retrained model.
         test_points: test-set indices; default :func:`choose_test_points` (``n_high``, ``n_random``, ``seed``).
         loo: leave-one-out objective of the ground truth. seed: also draws the uniform sample.
-        snapshots: early-stopping thresholds recorded by :func:`fit`. keep_block: see :func:`factorize`.
+        snapshots: early-stopping thresholds recorded by :func:`helpers.train.fit_to_tolerance`. keep_block: see :func:`factorize`.
         cache: memoise the fit and the leave-one-out runs.
 
-    Cost: one :func:`fit`, one :func:`factorize`, one exact solve with T right-hand sides, and one
+    Cost: one :func:`helpers.train.fit_to_tolerance`, one :func:`factorize`, one exact solve with T right-hand sides, and one
     :func:`leave_one_out` over at most T·n_extremes + n_uniform members.
     """
-    f = fit(x, y, l2=l2, tol=tol, snapshots=snapshots, cache=cache)
+    f = fit_to_tolerance(model_at(torch.zeros(int(y.max()) + 1, x.shape[1], dtype=x.dtype)), x, y, l2=l2, tol=tol,
+                         snapshots=snapshots, cache=cache)
     if test_points is None:
         test_points = choose_test_points(x_test, y_test, f.theta, n_high, n_random, seed)
     tp = np.asarray(test_points, dtype=np.int64).reshape(-1)

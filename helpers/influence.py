@@ -37,7 +37,8 @@ from helpers.solvers import Method, SolveResult, solve
 Backend = Literal["auto", "autodiff", "closed_form"]
 BACKENDS: tuple[str, ...] = ("auto", "autodiff", "closed_form")
 
-__all__ = ["BACKENDS", "Backend", "InfluenceResult", "directional_derivatives", "per_sample_grads", "predict_param_change", "predict_removal"]
+__all__ = ["BACKENDS", "Backend", "InfluenceResult", "directional_derivatives", "per_sample_grads",
+           "predict_param_change", "predict_removal"]
 
 
 def per_sample_grads(

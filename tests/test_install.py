@@ -20,16 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = textwrap.dedent("""
     import json, sys, torch
     import helpers
-    from helpers import cache, influence, models, paper_data
-    from helpers.convex import fit
+    from helpers import cache, convex, influence, paper_data, train
 
     torch.manual_seed(0)
     x = torch.randn(30, 3, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
-    theta = fit(x, y, l2=1e-2).theta
-    model = models.logistic_regression(3, 2).double()
-    with torch.no_grad():
-        model.linear.weight.copy_(theta)
+    model = convex.model_at(train.fit_to_tolerance(convex.model_at(torch.zeros(2, 3, dtype=torch.float64)), x, y,
+                                                   l2=1e-2).theta)
     delta = influence.predict_removal(model, (x, y), (x[:2], y[:2]), l2=1e-2).values
     runs = paper_data.iris_runs()
     print(json.dumps({"helpers": helpers.__file__, "cache_dir": str(cache.cache_dir()), "delta_shape": list(delta.shape),

@@ -9,6 +9,7 @@ from torch import nn
 
 from helpers.objective import objective, removal_weights
 from helpers.models import init_params
+from helpers import train
 from helpers.train import EnsembleResult, Recipe, fit, fit_ensemble
 from tiny_models import LogReg, MLP
 
@@ -243,3 +244,32 @@ def test_ensemble_in_member_chunks_equals_the_whole_ensemble(batch_size, monkeyp
         torch.testing.assert_close(v2, v1, rtol=1e-13, atol=0)
         for k in g1:
             torch.testing.assert_close(g2[k], g1[k], rtol=1e-13, atol=1e-15)
+
+
+def test_fit_to_tolerance_backends_agree_and_autodiff_serves_any_model():
+    """The closed-form backend (softmax regression) and autodiff reach the same θ̂; an MLP trained the same way
+    meets the tolerance with the objective's own gradient, checked independently by torch.autograd."""
+    from helpers import convex, models
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    zero = convex.model_at(torch.zeros(3, 5, dtype=torch.float64))
+    closed = train.fit_to_tolerance(zero, x, y, l2=0.1, tol=1e-11, snapshots=[1e-2], cache=False)
+    auto = train.fit_to_tolerance(zero, x, y, l2=0.1, tol=1e-11, snapshots=[1e-2], cache=False, backend="autodiff")
+    assert (closed.backend, auto.backend) == ("closed_form", "autodiff")
+    assert auto.theta.shape == closed.theta.shape == (3, 5)  # one trained tensor: in its own shape
+    assert torch.allclose(auto.theta, closed.theta, rtol=0, atol=1e-10)
+    assert closed.snapshots[1e-2][1] < 1e-2 and closed.converged and auto.converged
+
+    mlp = models.build("mlp", d_in=5, n_classes=3, depth=1, width=4, seed=0, dtype=torch.float64)
+    fit = train.fit_to_tolerance(mlp, x, y, l2=0.5, tol=1e-9, cache=False)
+    assert fit.backend == "autodiff" and fit.theta.dim() == 1 and set(fit.params) == {n for n, _ in mlp.named_parameters()}
+    params = {n: v.clone().requires_grad_(True) for n, v in fit.params.items()}
+    grads = torch.autograd.grad(objective(mlp, params, x, y, l2=0.5), list(params.values()))
+    assert float(torch.cat([g.reshape(-1) for g in grads]).norm()) < 1e-9
+    assert fit.grad_norm == pytest.approx(float(torch.cat([g.reshape(-1) for g in grads]).norm()), rel=1e-3, abs=1e-12)
+    with pytest.raises(ValueError, match="closed_form"):
+        train.fit_to_tolerance(mlp, x, y, l2=0.5, backend="closed_form", cache=False)
+    with pytest.raises(RuntimeError, match="did not reach"):
+        train.fit_to_tolerance(mlp, x, y, l2=0.5, tol=1e-30, lbfgs_max_iter=3, newton_max_iter=1, cache=False)

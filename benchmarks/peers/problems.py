@@ -1,7 +1,7 @@
 """The two benchmark problems of issue 7, built with ``helpers`` and frozen to ``.npz`` files for every worker.
 
 P1  ``mnist5k`` multinomial logistic regression, 784×10 weights, no bias, L2 λ = 0.01, no damping.
-    θ̂: :func:`helpers.convex.fit` (L-BFGS, then Newton with the closed-form Hessian) to ‖∇R‖₂ < 1e-10.
+    θ̂: :func:`helpers.train.fit_to_tolerance` (L-BFGS, then Newton with the closed-form Hessian) to ‖∇R‖₂ < 1e-10.
     Reference: :func:`helpers.convex.removal_estimate` with ``method="exact"`` — the closed-form float64 Hessian
     (L2 term included), Cholesky-factored (relative residual ~1e-15).
 P2  the same split, a 784-64-10 tanh MLP with biases (50,890 parameters), all-parameter influence with damping
@@ -51,7 +51,7 @@ SIZES = ("full", "tiny")
 SPECS: dict[str, dict[str, Any]] = {
     "P1": {
         "dataset": "mnist5k", "split_seed": 0, "model": "logistic_regression", "d_in": 784, "n_classes": 10,
-        "bias": False, "l2": 0.01, "damping": 0.0, "fit": "helpers.convex.fit(tol=1e-10)",
+        "bias": False, "l2": 0.01, "damping": 0.0, "fit": "helpers.train.fit_to_tolerance(tol=1e-10)",
         "reference": "helpers.convex.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
     },
     "P2": {
@@ -67,7 +67,7 @@ TINY_SPECS: dict[str, dict[str, Any]] = {
     "P1": {
         "size": "tiny", "dataset": "digits", "split_seed": 0, "n_train": 200, "n_test": 50,
         "model": "logistic_regression", "d_in": 64, "n_classes": 10, "bias": False, "l2": 0.1, "damping": 0.0,
-        "fit": "helpers.convex.fit(tol=1e-10)",
+        "fit": "helpers.train.fit_to_tolerance(tol=1e-10)",
         "reference": "helpers.convex.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
     },
     "P2": {
@@ -117,7 +117,9 @@ def _p1(split: data.Split, spec: dict[str, Any]
         ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, Any]]:
     full = size_of(spec) == "full"  # only the full problem's fit is worth the disk cache
     t0 = time.perf_counter()
-    fit = convex.fit(split.x_train, split.y_train, l2=spec["l2"], tol=1e-10, cache=full)
+    zeros = torch.zeros(split.n_classes, split.x_train.shape[1], dtype=split.x_train.dtype)
+    fit = train.fit_to_tolerance(convex.model_at(zeros), split.x_train, split.y_train, l2=spec["l2"], tol=1e-10,
+                                 cache=full)
     t_fit = time.perf_counter() - t0
     test_idx = _test_points(split, fit.theta)
     xt, yt = split.x_test[test_idx], split.y_test[test_idx]
