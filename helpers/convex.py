@@ -52,12 +52,12 @@ from torch import Tensor
 from helpers import metrics
 from helpers.cache import memoize
 from helpers.curvature import CurvatureOperator, extreme_eigenvalues
-from helpers.influence import InfluenceResult
+from helpers.influence import InfluenceResult, predict_removal
 from helpers.models import LogisticRegression
 from helpers.objective import LooObjective, removal_weights
-from helpers.retrain import GroundTruth
+from helpers.retrain import GroundTruth, warm_start
 from helpers.solvers import Method, SolveResult, relative_residual, solve
-from helpers.train import ToleranceFit, fit_to_tolerance
+from helpers.train import Recipe, ToleranceFit, fit_to_tolerance
 
 __all__ = [
     "HessianFactor",
@@ -1109,15 +1109,16 @@ def verify(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *, l2: float, t
     tp = np.asarray(test_points, dtype=np.int64).reshape(-1)
     xt, yt = x_test[tp], y_test[tp]
     factor = factorize(x, f.theta, l2=l2, keep_block=keep_block)
-    est = removal_estimate(x, y, xt, yt, f.theta, l2=l2, factor=factor)
+    est = predict_removal(model_at(f.theta), (x, y), (xt, yt), l2=l2, factor=factor)
     n = x.shape[0]
     k = min(int(n_extremes), n)
     extremes = torch.topk(est.values.abs(), k, dim=1).indices.numpy()
     gen = torch.Generator().manual_seed(int(seed))
     uniform = (torch.randperm(n, generator=gen)[:n_uniform] if n_uniform < n else torch.arange(n)).numpy()
     removed = np.unique(np.concatenate([extremes.reshape(-1), uniform]))
-    truth = leave_one_out(x, y, (xt, yt), f.theta, removed.tolist(), l2=l2, tol=tol, loo=loo, factor=factor,
-                          cache=cache)
+    newton = Recipe(optimizer="newton", weight_decay=l2, tol=tol)  # the engine's warm start: this module's chord
+    truth = warm_start(model_at(f.theta), None, (x, y), (xt, yt), removed.tolist(), newton, loo=loo, factor=factor,
+                       cache=cache)
     return Verification(fit=f, factor=factor, influence=est, test_points=tp,
                         test_loss=losses(xt, yt, f.theta).numpy(), extremes=extremes, uniform=uniform,
                         truth=truth)

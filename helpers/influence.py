@@ -20,7 +20,7 @@ fraction of the cost — and autodiff Hessian-vector products for every other mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,15 +29,11 @@ from torch.func import grad, jvp, vmap
 from helpers import memory
 from helpers.cache import memoize
 from helpers.curvature import CurvatureKind, check_problem, hessian_operator
-from helpers.models import LogisticRegression
-from helpers.objective import LossName, Params, model_params, param_names, per_sample_losses
+from helpers.models import is_softmax_regression
+from helpers.objective import BACKENDS, Backend, LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
 
-#: where :func:`predict_removal` computes (see its ``backend`` argument)
-Backend = Literal["auto", "autodiff", "closed_form"]
-BACKENDS: tuple[str, ...] = ("auto", "autodiff", "closed_form")
-
-__all__ = ["BACKENDS", "Backend", "InfluenceResult", "directional_derivatives", "per_sample_grads",
+__all__ = ["InfluenceResult", "directional_derivatives", "per_sample_grads",
            "predict_param_change", "predict_removal"]
 
 
@@ -282,7 +278,7 @@ def predict_removal(
         key = {"model": model, "train": list(train), "test": list(test)} | {
             k: v for k, v in options.items() if k != "factor"}  # a factor only speeds the solve up
         return memoize("predict_removal", key, lambda: predict_removal(model, train, test, **options))
-    closed = _closed_form(model, params, loss, damping)
+    closed = is_softmax_regression(model, params, loss) and not isinstance(damping, str)
     if backend == "closed_form" and not closed:
         raise ValueError("backend='closed_form' needs a bias-free LogisticRegression (helpers.convex.model_at), "
                          "loss='cross_entropy', all of its parameters and a numeric damping: use backend='auto'")
@@ -310,12 +306,6 @@ def predict_removal(
         hessian=hessian,
         l2_in_hessian=l2_h,
     )
-
-
-def _closed_form(model: nn.Module, params: str | list[str], loss: str, damping: float | str) -> bool:
-    """Whether :func:`helpers.convex.removal_estimate` computes exactly this estimate."""
-    return (isinstance(model, LogisticRegression) and model.linear.bias is None and loss == "cross_entropy"
-            and not isinstance(damping, str) and param_names(model, params) == ["linear.weight"])
 
 
 def predict_param_change(

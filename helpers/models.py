@@ -98,6 +98,15 @@ class LogisticRegression(nn.Module):
         return self.linear(x.flatten(1))
 
 
+def is_softmax_regression(model: nn.Module, params: str | list[str] = "all", loss: str = "cross_entropy") -> bool:
+    """Whether the closed forms of :mod:`helpers.convex` compute exactly what the engine would by autodiff: a
+    bias-free :class:`LogisticRegression` with cross-entropy, all of its weights in play. The engine's
+    functions (:func:`helpers.train.fit_to_tolerance`, :func:`helpers.influence.predict_removal`,
+    :func:`helpers.retrain.warm_start`) then run that backend."""
+    return (isinstance(model, LogisticRegression) and model.linear.bias is None and loss == "cross_entropy"
+            and param_names(model, params) == ["linear.weight"])
+
+
 class MLP(nn.Module):
     """``depth`` hidden layers of ``width`` units, activation after each; ``[n, ...] -> [n, n_classes]``."""
 

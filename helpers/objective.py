@@ -30,6 +30,11 @@ LooObjective = Literal["drop", "reaverage"]
 
 LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "mse")
 
+#: where an engine function computes: ``"auto"`` (a closed-form backend where one applies, e.g.
+#: :func:`helpers.models.is_softmax_regression`, else autodiff), or insisting on ``"autodiff"`` / ``"closed_form"``
+Backend = Literal["auto", "autodiff", "closed_form"]
+BACKENDS: tuple[str, ...] = ("auto", "autodiff", "closed_form")
+
 
 def loss_from_outputs(outputs: Tensor, y: Tensor, loss: LossName = "cross_entropy") -> Tensor:
     """Per-sample loss from model outputs.

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from helpers.cache import memoize
-from helpers.objective import LooObjective, Params, loss_from_outputs, param_names, per_sample_losses, removal_weights
-from helpers.models import init_params
+from helpers.models import init_params, is_softmax_regression
+from helpers.objective import (BACKENDS, LooObjective, Params, loss_from_outputs, param_names, per_sample_losses,
+                               removal_weights)
 from helpers.train import MemberObjective, Recipe, fit_ensemble, model_with, train_ensemble
 
 Data = tuple[Tensor, Tensor]
@@ -156,7 +157,8 @@ def _np(t: Tensor) -> np.ndarray:
 
 def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Data, removed: Sequence[int],
                recipe: Recipe, *, params: str | list[str] = "all", loo: LooObjective = "drop",
-               keep_params: bool = False, progress: bool = True, cache: bool = True) -> GroundTruth:
+               keep_params: bool = False, progress: bool = True, cache: bool = True, backend: str = "auto",
+               factor: Any = None) -> GroundTruth:
     """Warm-start leave-one-out: continue from θ̂ without z_i, fresh optimizer state, for each i in ``removed``.
 
     Args:
@@ -167,6 +169,13 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
         params: parameters retrained (``"all"`` or ``"last"``, the others frozen at θ̂).
         loo: ``"drop"`` (others keep 1/n) or ``"reaverage"`` (others 1/(n−1)), see STUDY.md §1.
         keep_params: also return the members' parameters.
+        backend: ``"auto"``: a Newton recipe (``optimizer="newton"``, float64) on a bias-free
+            :class:`~helpers.models.LogisticRegression` with cross-entropy and all of its weights runs the
+            closed-form chord method of :func:`helpers.convex.leave_one_out` (every member to ‖∇R_j‖ <
+            ``recipe.tol`` within ``recipe.max_iter`` steps, the protocol ``"convex_chord"``, with its
+            ``settings``: iterations, Newton fallbacks, the one-step Newton estimate); every other case the batched
+            ensemble of :func:`helpers.train.fit_ensemble`. ``"autodiff"`` / ``"closed_form"`` insist.
+        factor: closed-form backend only: a :class:`helpers.convex.HessianFactor` at (or near) θ̂ to reuse.
 
     Returns:
         :class:`GroundTruth` with θ̂_ref = θ̂; ``drift`` = the nothing-removed member (how far the same
@@ -178,6 +187,22 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
     test = _as_data(test, "test")
     r = _check_removed(removed, x.shape[0])
     theta = _theta(model, theta_hat)
+    closed = (recipe.optimizer == "newton" and recipe.dtype == "float64"
+              and is_softmax_regression(model, params, recipe.loss))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "closed_form" and not closed:
+        raise ValueError("backend='closed_form' needs a Newton float64 recipe and a bias-free LogisticRegression "
+                         "with cross-entropy, all of its parameters retrained: use backend='auto'")
+    if closed and backend != "autodiff":
+        from helpers.convex import leave_one_out  # the backend imports this module: load it on demand
+
+        return leave_one_out(x.flatten(1), y, (test[0].flatten(1), test[1]), theta["linear.weight"], r,
+                             l2=recipe.weight_decay, tol=recipe.tol, loo=loo, factor=factor,
+                             max_iter=recipe.max_iter, keep_params=keep_params, cache=cache)
+    if factor is not None:
+        raise TypeError("factor= serves only the closed-form backend (a Newton float64 recipe on a bias-free "
+                        "LogisticRegression): drop it for this model or recipe")
     key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test),
            "removed": r, "recipe": recipe.to_dict(), "params": params, "loo": loo, "keep_params": keep_params}
 

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from helpers import memory
-from helpers.models import init_params
-from helpers.objective import LOSS_NAMES, Params, objective, param_names
+from helpers.models import init_params, is_softmax_regression
+from helpers.objective import BACKENDS, LOSS_NAMES, Params, objective, param_names
 
 OptimizerName = Literal["newton", "lbfgs", "adam", "sgd"]
 ScheduleName = Literal["none", "plateau", "cosine", "step"]
@@ -1165,8 +1165,6 @@ def fit_to_tolerance(model: nn.Module, x: Tensor, y: Tensor, *, l2: float, tol: 
     Cost (softmax regression on mnist5k, 4,000 × 784, λ = 0.01, one core): ~110 L-BFGS iterations (~3 s), one
     Newton step of ~40 CG iterations (~1 s).
     """
-    from helpers.influence import BACKENDS, _closed_form
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not tol > 0:
@@ -1175,7 +1173,7 @@ def fit_to_tolerance(model: nn.Module, x: Tensor, y: Tensor, *, l2: float, tol: 
         raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
     if loss not in LOSS_NAMES:
         raise ValueError(f"unknown loss {loss!r}: use one of {LOSS_NAMES}")
-    closed = _closed_form(model, params, loss, 0.0)
+    closed = is_softmax_regression(model, params, loss)
     if backend == "closed_form" and not closed:
         raise ValueError("backend='closed_form' needs a bias-free LogisticRegression, loss='cross_entropy' and all "
                          "of its parameters: use backend='auto'")

@@ -253,11 +253,12 @@ def test_engine_runs_the_closed_form_backend_for_softmax_regression(fitted):
                                          backend="autodiff")
     assert not torch.equal(autodiff.values, engine.values)  # another computation: equal only to round-off
     assert torch.allclose(autodiff.values, engine.values, rtol=0, atol=1e-10 * float(engine.values.abs().max()))
-    assert influence._closed_form(model, "all", "cross_entropy", 0.0)
-    assert not influence._closed_form(model, "all", "cross_entropy", "auto")
-    assert not influence._closed_form(model, "all", "mse", 0.0)
+    assert models.is_softmax_regression(model) and not models.is_softmax_regression(model, loss="mse")
     with_bias = models.logistic_regression(x.shape[1], f.theta.shape[0], bias=True, dtype=torch.float64)
-    assert not influence._closed_form(with_bias, "all", "cross_entropy", 0.0)
+    assert not models.is_softmax_regression(with_bias)
+    auto = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping="auto")  # a rule, not a number:
+    ref = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping="auto", backend="autodiff")  # autodiff
+    assert torch.equal(auto.values, ref.values)
     with pytest.raises(ValueError, match="closed_form"):
         influence.predict_removal(with_bias, (x, y), (xt, yt), l2=L2, backend="closed_form")
     with pytest.raises(TypeError, match="factor"):
