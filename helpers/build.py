@@ -225,6 +225,7 @@ def execute_chapter(chapter: Chapter, profile: str = "default", *, overrides: di
     out_nb = work / f"{chapter.name}.ipynb"
     env_updates = {
         "BOOK_CHAPTER": chapter.name,
+        "BOOK_PROGRESS": "off",  # no progress bar reaches a rendered page (helpers.progress)
         "BOOK_PROFILE": profile,
         "BOOK_OUTPUT_DIR": str(work),
         "BOOK_CACHE_DIR": os.environ.get("BOOK_CACHE_DIR") or str(build_dir / "cache"),

@@ -541,8 +541,12 @@ def solve_exact(x: Tensor, theta: Tensor, B: Tensor, *, weights: Tensor | None =
         X = factor.apply_inverse(B2)
         method, iterations = "exact", 0
     else:
-        X, iterations, done = _pcg(op, B2, damping, factor, rtol, PCG_STEPS)
-        method = "pcg"
+        # preconditioned CG with the factor, starting from the factor's own answer (already close); it gives up as
+        # soon as a step shrinks the residual less than 4-fold (the factor is of a point too far away)
+        first = solve(op, B2, method="cg", damping=damping, rtol=rtol, maxiter=PCG_STEPS,
+                      x0=factor.apply_inverse(B2), preconditioner=factor.apply_inverse, stall=4.0)
+        X, iterations, method = first.x, first.iterations, "pcg"
+        done = bool(first.info["converged"].all())
         if not done:
             more = solve(op, B2, method="cg", damping=damping, rtol=rtol, x0=X, maxiter=maxiter)
             X, iterations, method = more.x, iterations + more.iterations, "pcg+cg"
@@ -554,36 +558,6 @@ def solve_exact(x: Tensor, theta: Tensor, B: Tensor, *, weights: Tensor | None =
     return SolveResult(x=X[:, 0] if vector else X, relative_residual=rel[0] if vector else rel, method=method,
                        iterations=iterations, damping=damping,
                        info={"hvps": hvps, "factor_at_same_point": method == "exact", "rtol": rtol})
-
-
-def _pcg(op: CurvatureOperator, B: Tensor, damping: float, factor: HessianFactor, rtol: float, maxiter: int
-         ) -> tuple[Tensor, int, bool]:
-    """Preconditioned CG on all columns at once (one batched product and one batched triangular solve per step);
-    returns (X, steps, reached rtol). Gives up early when a step shrinks the residual less than 4-fold."""
-    X = factor.apply_inverse(B)  # the preconditioner's own answer is the start: already close
-    R = B - (op.matmat(X) + damping * X)
-    bnorm = torch.linalg.vector_norm(B, dim=0).clamp_min(torch.finfo(B.dtype).tiny)
-    Z = factor.apply_inverse(R)
-    P = Z.clone()
-    rz = (R * Z).sum(0)
-    previous = math.inf
-    for it in range(maxiter + 1):
-        rel = float((torch.linalg.vector_norm(R, dim=0) / bnorm).max())
-        if rel <= rtol:
-            return X, it, True
-        if it == maxiter or rel > previous / 4:  # contracting slowly: the factor is of a point too far away
-            break
-        previous = rel
-        AP = op.matmat(P) + damping * P
-        pap = (P * AP).sum(0)
-        alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-        X = X + alpha * P
-        R = R - alpha * AP
-        Z = factor.apply_inverse(R)
-        rz_new = (R * Z).sum(0)
-        P = Z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz)) * P
-        rz = rz_new
-    return X, it, False
 
 
 # ----------------------------------------------------------------------------------------------------------

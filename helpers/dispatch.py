@@ -17,7 +17,7 @@ import os
 from typing import Any, Callable, Sequence, TypeVar
 
 from joblib import Parallel, delayed
-from tqdm.auto import tqdm
+from helpers.progress import progress_bar
 
 R = TypeVar("R")
 
@@ -55,7 +55,7 @@ def run_many(fn: Callable[..., R], tasks: Sequence[dict[str, Any]], *, scheduler
     address = scheduler_address(scheduler)
     if address is not None:
         return _run_dask(fn, tasks, address, progress, desc, done)
-    bar = tqdm(total=len(tasks), desc=desc, disable=not progress or len(tasks) < 2)
+    bar = progress_bar(len(tasks), desc, progress and len(tasks) > 1, leave=True, delay=0)
     out: list[Any] = [None] * len(tasks)
     if n_jobs == 1:
         for i, task in enumerate(tasks):
@@ -94,7 +94,7 @@ def _run_dask(fn: Callable[..., R], tasks: list[dict[str, Any]], address: str, p
     with Client(address) as client:
         futures = client.map(call, tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
-        bar = tqdm(total=len(futures), desc=desc, disable=not progress)
+        bar = progress_bar(len(futures), desc, progress, leave=True, delay=0)
         out: list[Any] = [None] * len(tasks)
         for future in as_completed(futures):
             i = index[future.key]

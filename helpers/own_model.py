@@ -52,7 +52,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ from helpers import data as data_mod
 from helpers import metrics, retrain
 from helpers import validation as V
 from helpers.influence import predict_removal
+from helpers.progress import progress_bar
 from helpers.solvers import NotPositiveDefiniteError
 from helpers.train import Recipe, fit, model_with
 
@@ -601,7 +601,7 @@ def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, 
             retrained from scratch (the costly protocol). k is also the size of each selection rule's set.
         n_bootstrap: resamples per interval; seed: the random test point, the random candidates, the bootstrap.
         cache: memoise every training and retraining run (:mod:`helpers.cache`).
-        progress: a tqdm bar over the steps (on a terminal only).
+        progress: a bar over the steps (:mod:`helpers.progress`).
 
     Returns:
         :class:`ChecklistResult`.
@@ -619,11 +619,6 @@ def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, 
     known answer and the procedure's own numbers (:func:`resample_ci`). Memory: within :func:`helpers.memory.budget`
     (every batched step chunks to it), plus the dense H of the estimate where it fits.
     """
-    with warnings.catch_warnings():
-        # In a kernel without ipywidgets tqdm.auto warns that it falls back to text bars; that fallback is fine.
-        warnings.filterwarnings("ignore", message=".*IProgress not found.*")
-        from tqdm.auto import tqdm
-
     if recipe.dtype != "float64":
         raise ValueError(f"the checklist trains in float64 (small effects drown in float32 round-off); got a "
                          f"{recipe.dtype} recipe: use Recipe(..., dtype='float64')")
@@ -644,7 +639,7 @@ def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, 
         # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script on first use; the
         # FutureWarning is torch-internal and says nothing about this computation (as in helpers.train).
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        bar = tqdm(total=6, desc=f"checklist: {name}", disable=not progress or not sys.stderr.isatty(), leave=False)
+        bar = progress_bar(6, f"checklist: {name}", progress)
 
         bar.set_postfix_str("θ̂ and estimates")
         try:

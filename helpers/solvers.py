@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from helpers import memory
+from helpers.progress import progress_bar
 from helpers.curvature import LINEARIZE_AFTER, CurvatureOperator, extreme_eigenvalues, lanczos_ritz
 
 Method = Literal["exact", "pinv", "cg", "lissa", "arnoldi"]
@@ -288,6 +289,8 @@ def _cg(
     low_precision: CurvatureOperator | torch.dtype | None = None,
     inner_rtol: float = 1e-4,
     max_refinements: int = 20,
+    stall: float = 0.0,
+    progress: bool = True,
 ) -> tuple[Tensor, int, dict[str, Any], str]:
     """Conjugate gradients on every column at once; a column stops when its recursive residual ≤ rtol·‖b‖.
 
@@ -298,6 +301,10 @@ def _cg(
     ``block=True`` runs block CG instead (:func:`_block_cg`), ``preconditioner`` makes either variant
     preconditioned, and ``low_precision`` wraps the chosen variant in mixed-precision iterative refinement
     (:func:`_refine`): all three change the speed, never the answer's tolerance.
+
+    ``stall`` > 1 gives up early (``info["stalled"]``) once a step shrinks the largest relative residual of the
+    running columns by less than that factor — for a preconditioner that may be poor, whose caller then continues
+    otherwise (:func:`helpers.convex.solve_exact`). ``progress``: a bar over the iterations (:mod:`helpers.progress`).
     """
     if not rtol >= 0:
         raise ValueError(f"rtol must be >= 0, got {rtol}")
@@ -308,7 +315,7 @@ def _cg(
                        preconditioner=preconditioner, inner_rtol=inner_rtol, max_refinements=max_refinements)
     if block:
         return _block_cg(op, B, damping, rtol=rtol, maxiter=maxiter, x0=x0, preconditioner=preconditioner)
-    return _pcg(op, B, damping, preconditioner, rtol=rtol, maxiter=maxiter, x0=x0)
+    return _pcg(op, B, damping, preconditioner, rtol=rtol, maxiter=maxiter, x0=x0, stall=stall, progress=progress)
 
 
 def _start(op: CurvatureOperator, B: Tensor, damping: float, x0: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -339,9 +346,12 @@ def _pcg(
     rtol: float,
     maxiter: int | None,
     x0: Tensor | None,
+    stall: float = 0.0,
+    progress: bool = True,
 ) -> tuple[Tensor, int, dict[str, Any], str]:
     """(Preconditioned) CG, column by column in one batch: ``preconditioner(R [d, k]) ≈ (H + δI)⁻¹ R``; the one CG
-    loop of the package (``None``: the identity, i.e. plain CG, the same arithmetic step for step).
+    loop of the package (``None``: the identity, i.e. plain CG, the same arithmetic step for step). ``stall``,
+    ``progress``: see :func:`_cg`.
 
     The preconditioner must be symmetric positive definite (then the iteration is CG on M^½ A M^½).
     Cost per iteration: one batched product (and one preconditioner application) over the running columns.
@@ -357,8 +367,17 @@ def _pcg(
     negative = torch.zeros(k, dtype=torch.bool, device=B.device)
     breakdown = torch.zeros(k, dtype=torch.bool, device=B.device)
     iters = torch.zeros(k, dtype=torch.long, device=B.device)
+    bnorm = torch.linalg.vector_norm(B, dim=0).clamp_min(torch.finfo(B.dtype).tiny)
+    previous, stalled = math.inf, False
+    bar = progress_bar(maxiter, f"cg ×{k}", progress)
     step = 0
     while bool(active.any()) and step < maxiter:
+        if stall > 1:  # contracting slowly: the preconditioner does not fit this matrix
+            worst = float((torch.linalg.vector_norm(R[:, active], dim=0) / bnorm[active]).max())
+            if worst > previous / stall:
+                stalled = True
+                break
+            previous = worst
         idx = torch.nonzero(active).reshape(-1)
         Pa = P[:, idx]
         APa = op.matmat(Pa) + damping * Pa
@@ -378,6 +397,9 @@ def _pcg(
         breakdown[idx] |= broke
         active[idx] = (torch.linalg.vector_norm(R[:, idx], dim=0) > target[idx]) & ~broke
         step += 1
+        bar.update(1)
+        bar.set_postfix_str(f"{int(active.sum())} running", refresh=False)
+    bar.close()
     info = {
         "converged": ~active & ~breakdown,
         "iterations_per_column": iters,
@@ -386,6 +408,7 @@ def _pcg(
         "rtol": rtol,
         "maxiter": maxiter,
         "preconditioned": preconditioner is not None,
+        "stalled": stalled,
     }
     return X, step, info, "cg" if preconditioner is None else "pcg"
 
@@ -540,7 +563,8 @@ def _refine(
             E, steps, _, _ = _block_cg(low, Rl, damping, rtol=tol, maxiter=maxiter, x0=None,
                                        preconditioner=preconditioner)
         elif preconditioner is not None:
-            E, steps, _, _ = _pcg(low, Rl, damping, preconditioner, rtol=tol, maxiter=maxiter, x0=None)
+            E, steps, _, _ = _pcg(low, Rl, damping, preconditioner, rtol=tol, maxiter=maxiter, x0=None,
+                                  progress=False)
         else:
             E, steps, _, _ = _cg(low, Rl, damping, rtol=tol, maxiter=maxiter)
         inner_steps.append(int(steps))

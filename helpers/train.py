@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from helpers import memory
+from helpers.progress import progress_bar
 from helpers.models import init_params, is_softmax_regression
 from helpers.objective import BACKENDS, LOSS_NAMES, Params, objective, param_names
 
@@ -335,10 +335,7 @@ def _non_finite(epoch: int | str, what: str, recipe: Recipe, member: int | None 
 
 
 def _progress(total: int, progress: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not progress or not sys.stderr.isatty(), leave=False,
-                mininterval=1.0)
+    return progress_bar(total, desc, progress)
 
 
 def _names_and_model(recipe: Recipe, model: nn.Module, x: Tensor, params: str | list[str],
@@ -374,7 +371,7 @@ def fit(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weights: Tens
         init: starting values ``{name: tensor}`` (e.g. θ̂ for a warm start); default the module's values.
             Entries for frozen parameters set the frozen values.
         params: the trained subset: ``"all"``, ``"last"`` (``model.last_layer``) or a list of names.
-        progress: show a tqdm bar (only on a terminal).
+        progress: show a bar (:mod:`helpers.progress`: terminal and notebook, never in the rendered book).
         cache: memoise the result on disk (:mod:`helpers.cache`), keyed by recipe, model (architecture and
             values), data, weights, init and subset — so a chapter's θ̂ is bit-for-bit the same on a rebuild and
             every result keyed on it is reused.
@@ -1134,7 +1131,7 @@ def fit_to_tolerance(model: nn.Module, x: Tensor, y: Tensor, *, l2: float, tol: 
                      weights: Tensor | None = None, params: str | list[str] = "all", init: Params | None = None,
                      loss: str = "cross_entropy", snapshots: Sequence[float] = (), lbfgs_max_iter: int = 20000,
                      newton_max_iter: int = 50, strict: bool = True, cache: bool = True,
-                     backend: str = "auto") -> ToleranceFit:
+                     backend: str = "auto", progress: bool = True) -> ToleranceFit:
     """Train to ‖∇R‖₂ < ``tol`` (R = Σ w_i ℓ_i + (λ/2)‖θ‖², full batch): L-BFGS, then Newton–CG.
 
     L-BFGS (``scipy.optimize.minimize``, L-BFGS-B without bounds, history 20) runs from ``init`` (default the
@@ -1158,6 +1155,7 @@ def fit_to_tolerance(model: nn.Module, x: Tensor, y: Tensor, *, l2: float, tol: 
         strict: raise if ``tol`` is not met within the budgets; ``False`` returns the last iterate with
             ``converged=False`` (e.g. to show what λ = 0 does on separable data, where no minimiser exists).
         cache: memoise on disk (:mod:`helpers.cache`), keyed by the model, data and every argument.
+        progress: a bar over the iterations (:mod:`helpers.progress`), the gradient norm beside it.
 
     Returns:
         :class:`ToleranceFit`. Raises RuntimeError naming the gradient norm reached if ``tol`` is not met (strict).
@@ -1185,8 +1183,12 @@ def fit_to_tolerance(model: nn.Module, x: Tensor, y: Tensor, *, l2: float, tol: 
 
     def compute() -> ToleranceFit:
         theta0, evaluate, operator, to_params = _tolerance_problem(use, model, x, y, weights, float(l2), start, loss)
-        return _fit_to_tolerance(theta0, evaluate, operator, to_params, float(l2), float(tol), thresholds,
-                                 lbfgs_max_iter, newton_max_iter, strict, use)
+        bar = progress_bar(lbfgs_max_iter + newton_max_iter, "fit to tolerance", progress)
+        try:
+            return _fit_to_tolerance(theta0, evaluate, operator, to_params, float(l2), float(tol), thresholds,
+                                     lbfgs_max_iter, newton_max_iter, strict, use, bar)
+        finally:
+            bar.close()
 
     if not cache:
         return compute()
@@ -1233,7 +1235,7 @@ def _tolerance_problem(backend: str, model: nn.Module, x: Tensor, y: Tensor, wei
 
 def _fit_to_tolerance(theta0: Tensor, evaluate: Callable, operator: Callable, to_params: Callable, l2: float,
                       tol: float, thresholds: list[float], lbfgs_max_iter: int, newton_max_iter: int, strict: bool,
-                      backend: str) -> ToleranceFit:
+                      backend: str, bar: Any) -> ToleranceFit:
     import scipy.optimize
 
     from helpers.solvers import solve
@@ -1246,6 +1248,9 @@ def _fit_to_tolerance(theta0: Tensor, evaluate: Callable, operator: Callable, to
         if not (math.isfinite(val) and math.isfinite(gn)):
             raise FloatingPointError(f"non-finite objective or gradient at iteration {it}: the fit diverged")
         history.append((phase, it, gn, val))
+        if it:
+            bar.update(1)
+            bar.set_postfix_str(f"{('L-BFGS', 'Newton')[phase]} ‖∇R‖ {gn:.1e}", refresh=False)
         for t in thresholds:
             if gn < t and t not in snaps:
                 snaps[t] = (theta.detach().clone(), gn, phase, it)

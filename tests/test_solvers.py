@@ -447,3 +447,19 @@ def test_dense_methods_respect_the_memory_budget(monkeypatch):
     with pytest.raises(MemoryError, match="method='pinv' needs the dense H over d = 15"):
         solve(op, B, method="pinv")
     assert solve(dense(op), B, method="exact", damping=0.01).method == "exact"
+
+
+def test_cg_gives_up_on_a_poor_preconditioner_when_asked():
+    """stall=4: stop once a step shrinks the residual less than 4-fold (info["stalled"]); a perfect
+    preconditioner converges in one step and never stalls."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=gen))
+    A = Q @ torch.diag(torch.logspace(0, 4, 40, dtype=torch.float64)) @ Q.T
+    B = torch.randn(40, 3, dtype=torch.float64, generator=gen)
+    exact = torch.linalg.inv(A)
+    good = solve(A, B, method="cg", rtol=1e-12, preconditioner=lambda R: exact @ R, stall=4.0)
+    assert good.iterations <= 2 and not good.info["stalled"] and float(good.relative_residual.max()) < 1e-10
+    poor = solve(A, B, method="cg", rtol=1e-12, preconditioner=lambda R: R.clone(), stall=4.0)
+    plain = solve(A, B, method="cg", rtol=1e-12)
+    assert poor.info["stalled"] and poor.iterations < plain.iterations
+    assert not plain.info["stalled"] and float(plain.relative_residual.max()) < 1e-10
