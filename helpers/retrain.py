@@ -58,6 +58,8 @@ class GroundTruth:
         noise: cold start only, ``[n_test, n_removed]`` the seed-to-seed standard deviation (ddof 1; NaN for
             one seed) of ``delta_per_seed`` — the noise floor of this ground truth.
         params: stacked member parameters ``{name: [members, ...]}`` when asked for (``keep_params=True``).
+        trajectory: warm start with ``record_every`` / ``record_epochs``: the members' test losses recorded along
+            the way (:class:`Trajectory`).
     """
 
     protocol: str
@@ -72,6 +74,7 @@ class GroundTruth:
     delta_per_seed: np.ndarray | None = None
     noise: np.ndarray | None = None
     params: dict[str, Tensor] | None = None
+    trajectory: "Trajectory | None" = None
 
     @property
     def delta_minus_drift(self) -> np.ndarray:
@@ -82,6 +85,50 @@ class GroundTruth:
         if self.drift.ndim == 1:
             return self.delta - self.drift[:, None]
         return self.delta
+
+
+@dataclass
+class Trajectory:
+    """Test losses of a warm-start retraining ensemble recorded along the way.
+
+    Attributes:
+        epochs: ``[c]`` the epochs recorded (0 = θ̂ itself, before any step).
+        test_losses: ``[c, n_removed + 1, n_test]`` per member, the nothing-removed (drift) member last.
+        ref_loss: ``[n_test]`` ℓ(z_test, θ̂).
+        removed: ``[n_removed]`` training indices.
+        recipe: ``Recipe.to_dict()`` of the retraining; settings: params subset and leave-one-out objective.
+        grad_norm: ``[n_removed + 1]`` final ‖∇R‖₂ of each member's objective (full data).
+    """
+
+    epochs: np.ndarray
+    test_losses: np.ndarray
+    ref_loss: np.ndarray
+    removed: np.ndarray
+    recipe: dict[str, Any]
+    settings: dict[str, Any]
+    grad_norm: np.ndarray
+
+    @property
+    def delta(self) -> np.ndarray:
+        """``[c, n_test, n_removed]`` Δ_true at each recorded epoch (member minus θ̂)."""
+        return np.transpose(self.test_losses[:, :-1] - self.ref_loss, (0, 2, 1))
+
+    @property
+    def drift(self) -> np.ndarray:
+        """``[c, n_test]`` the nothing-removed member's change of test loss at each recorded epoch."""
+        return self.test_losses[:, -1] - self.ref_loss
+
+    def at(self, epoch: int) -> GroundTruth:
+        """The warm-start :class:`~helpers.retrain.GroundTruth` after ``epoch`` epochs (must be recorded)."""
+        hits = np.flatnonzero(self.epochs == epoch)
+        if hits.size == 0:
+            raise ValueError(f"epoch {epoch} was not recorded; recorded: {self.epochs.tolist()}")
+        c = int(hits[0])
+        return GroundTruth(protocol="warm_start", delta=self.delta[c], drift=self.drift[c], removed=self.removed,
+                           recipe=dict(self.recipe, epochs=int(epoch)), test_losses=self.test_losses[c],
+                           ref_loss=self.ref_loss, grad_norm=np.full(len(self.removed) + 1, np.nan),
+                           settings=dict(self.settings, recorded_epoch=int(epoch)))
+
 
 
 # ------------------------------------------------------------------------------------------- caching
@@ -155,10 +202,28 @@ def _np(t: Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- protocols
 
 
+def _record_marks(recipe: Recipe, every: int | None, epochs: Sequence[int] | None) -> set[int] | None:
+    """The epochs a warm start records (0 and the last always), or None when nothing is to be recorded."""
+    if every is None and epochs is None:
+        return None
+    if recipe.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"recording a trajectory needs Adam or SGD, got optimizer {recipe.optimizer!r}")
+    if recipe.schedule != "none" or recipe.swa_start is not None or recipe.stop_at_floor:
+        raise ValueError("recording a trajectory needs a constant learning rate (schedule='none'), no SWA and no "
+                         "stop_at_floor: the recorded path must be the one the recipe runs to its end")
+    if every is not None and int(every) < 1:
+        raise ValueError(f"record_every must be >= 1, got {every}")
+    marks = {int(e) for e in (epochs if epochs is not None else range(0, recipe.epochs + 1, int(every)))}
+    if any(e < 0 or e > recipe.epochs for e in marks):
+        raise ValueError(f"recorded epochs must lie in [0, {recipe.epochs}], got {sorted(marks)}")
+    return marks | {0, recipe.epochs}
+
+
 def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Data, removed: Sequence[int],
                recipe: Recipe, *, params: str | list[str] = "all", loo: LooObjective = "drop",
                keep_params: bool = False, progress: bool = True, cache: bool = True, backend: str = "auto",
-               factor: Any = None) -> GroundTruth:
+               factor: Any = None, record_every: int | None = None,
+               record_epochs: Sequence[int] | None = None) -> GroundTruth:
     """Warm-start leave-one-out: continue from θ̂ without z_i, fresh optimizer state, for each i in ``removed``.
 
     Args:
@@ -176,6 +241,10 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
             ``settings``: iterations, Newton fallbacks, the one-step Newton estimate); every other case the batched
             ensemble of :func:`helpers.train.fit_ensemble`. ``"autodiff"`` / ``"closed_form"`` insist.
         factor: closed-form backend only: a :class:`helpers.convex.HessianFactor` at (or near) θ̂ to reuse.
+        record_every / record_epochs: also record every member's test losses every so many epochs, or after the
+            listed epochs (0 and the last always), as ``GroundTruth.trajectory`` (:class:`Trajectory`) — a whole
+            sweep of retraining lengths from one run (the paper's Fig. 5). Adam or SGD with a constant learning
+            rate and no SWA: the trajectory is the run's own, not a re-run.
 
     Returns:
         :class:`GroundTruth` with θ̂_ref = θ̂; ``drift`` = the nothing-removed member (how far the same
@@ -203,24 +272,48 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
     if factor is not None:
         raise TypeError("factor= serves only the closed-form backend (a Newton float64 recipe on a bias-free "
                         "LogisticRegression): drop it for this model or recipe")
+    marks = _record_marks(recipe, record_every, record_epochs)
     key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test),
            "removed": r, "recipe": recipe.to_dict(), "params": params, "loo": loo, "keep_params": keep_params}
+    if marks is not None:
+        key["record"] = sorted(marks)
 
     def compute() -> GroundTruth:
         xc, yc = _cast((x, y), recipe)
         w = removal_weights(xc.shape[0], r + [-1], loo, dtype=recipe.torch_dtype)
-        ens = fit_ensemble(recipe, model, xc, yc, weights=w, inits=theta, params=params, progress=progress)
         work = model_with(model, theta, dtype=recipe.torch_dtype, device=xc.device).requires_grad_(False)
-        names = list(ens.params)
-        losses = _test_losses(work, _with_reference(ens.params, {k: theta[k] for k in names}),
-                              _cast(test, recipe), recipe.loss)
+        test_c = _cast(test, recipe)
+        names = param_names(work, params)
+        recorded: list[tuple[int, Tensor]] = []
+
+        def record(epoch: int, stacked: dict[str, Tensor]) -> None:
+            if epoch in marks:
+                with torch.no_grad():
+                    recorded.append((epoch, vmap(lambda p: per_sample_losses(work, p, *test_c, recipe.loss))(
+                        {nm: stacked[nm].detach() for nm in names}).double().cpu()))
+
+        if marks is not None:
+            k = len(r) + 1
+            record(0, {nm: theta[nm].to(dtype=recipe.torch_dtype, device=xc.device)[None].repeat(
+                k, *[1] * theta[nm].dim()) for nm in names})
+        ens = fit_ensemble(recipe, model, xc, yc, weights=w, inits=theta, params=params, progress=progress,
+                           on_epoch=record if marks is not None else None)
+        losses = _test_losses(work, _with_reference(ens.params, {k: theta[k] for k in names}), test_c, recipe.loss)
         ref = losses[-1]
         members = losses[:-1]
+        trajectory = None
+        if marks is not None:
+            path = torch.stack([t for _, t in recorded]).numpy()  # [c, k, n_test]
+            # the reference comes from the same kernel (epoch 0, drift member): a member that never moves has Δ = 0
+            trajectory = Trajectory(epochs=np.asarray([e for e, _ in recorded]), test_losses=path,
+                                    ref_loss=path[0, -1].copy(), removed=np.asarray(r, dtype=np.int64),
+                                    recipe=recipe.to_dict(), settings={"params": params, "loo": loo},
+                                    grad_norm=ens.grad_norm)
         return GroundTruth(
             protocol="warm_start", delta=_np(members[:-1] - ref).T, drift=_np(members[-1] - ref),
             removed=np.asarray(r, dtype=np.int64), recipe=recipe.to_dict(), test_losses=_np(members),
             ref_loss=_np(ref), grad_norm=ens.grad_norm, settings={"params": params, "loo": loo},
-            params=ens.params if keep_params else None)
+            params=ens.params if keep_params else None, trajectory=trajectory)
 
     return _memoized("warm_start", key, compute, cache)
 

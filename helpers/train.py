@@ -70,6 +70,10 @@ LBFGS_MAX_LS = 25
 # term an unbiased estimate of the full sum Σ_i w_i ℓ_i.
 MemberObjective = Callable[[dict, tuple, Tensor, Tensor, "Tensor | None", float], Tensor]
 
+# Called after each epoch of a first-order ensemble with the epoch number (1, 2, ...) and the stacked parameters
+# {name: [k, ...]} as they are then (read them, do not modify them).
+EpochHook = Callable[[int, dict[str, Tensor]], None]
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -567,7 +571,7 @@ def _fit_lbfgs(recipe: Recipe, member_objective: MemberObjective, start: dict, a
 
 def fit_ensemble(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weights: Tensor | None = None,
                  inits: Params | None = None, seeds: list[int] | None = None, params: str | list[str] = "all",
-                 progress: bool = True) -> EnsembleResult:
+                 progress: bool = True, on_epoch: EpochHook | None = None) -> EnsembleResult:
     """Train k models at once as one vectorised ensemble (vmap over stacked parameters).
 
     Member j behaves exactly like ``fit(recipe, model, x, y, weights=weights[j], init=inits[j])`` (or
@@ -582,6 +586,8 @@ def fit_ensemble(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weig
         seeds: k seeds for a random initialisation of each member (:func:`helpers.models.init_params`);
             excludes ``inits``.
         params: trained subset, as in :func:`fit`.
+        on_epoch: called after every epoch as ``on_epoch(epoch, stacked_params)`` (Adam / SGD without
+            ``stop_at_floor``; see :data:`EpochHook`) — how :func:`helpers.retrain.warm_start` records trajectories.
 
     Returns:
         :class:`EnsembleResult` (stacked params ``[k, ...]``).
@@ -624,7 +630,8 @@ def fit_ensemble(recipe: Recipe, model: nn.Module, x: Tensor, y: Tensor, *, weig
             raise ValueError(f"weights must be [k, n] = [{k}, {n}], got {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise ValueError("weights contain NaN/inf")
-    return train_ensemble(recipe, weighted_objective(work, recipe), start, (w,), x, y, progress=progress)
+    return train_ensemble(recipe, weighted_objective(work, recipe), start, (w,), x, y, progress=progress,
+                          on_epoch=on_epoch)
 
 
 def _is_single(model: nn.Module, inits: Params) -> bool:
@@ -651,7 +658,8 @@ def _ensemble_size(weights, inits, seeds, single_init) -> int:
 
 
 def train_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dict[str, Tensor], aux: tuple,
-                   x: Tensor, y: Tensor, *, progress: bool = True) -> EnsembleResult:
+                   x: Tensor, y: Tensor, *, progress: bool = True, on_epoch: EpochHook | None = None
+                   ) -> EnsembleResult:
     """Minimise a custom per-member objective for k stacked members (the engine behind :func:`fit_ensemble`).
 
     Args:
@@ -661,8 +669,11 @@ def train_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dic
         aux: tuple of per-member tensors ``[k, ...]`` (e.g. the weights ``[k, n]``).
         x, y: training data, already in the recipe's dtype.
 
-    Used directly by :mod:`helpers.retrain` for the PBRF objective.
+    Used directly by :mod:`helpers.retrain` for the PBRF objective. ``on_epoch``: see :func:`fit_ensemble`.
     """
+    if on_epoch is not None and (recipe.optimizer not in ("adam", "sgd") or recipe.stop_at_floor):
+        raise ValueError(f"on_epoch needs an epoch-based recipe (Adam or SGD) without stop_at_floor, got optimizer "
+                         f"{recipe.optimizer!r}, stop_at_floor={recipe.stop_at_floor}")
     if recipe.optimizer == "newton":
         return _newton_ensemble(recipe, member_objective, start, aux, x, y, progress)
     if recipe.optimizer == "lbfgs":
@@ -675,7 +686,7 @@ def train_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dic
         return EnsembleResult({k: torch.stack([r.params[k] for r in results]) for k in start},
                               np.array([r.loss for r in results]), np.array([r.grad_norm for r in results]),
                               hist, np.array([r.converged for r in results]), np.array([r.lr for r in results]))
-    return _first_order_ensemble(recipe, member_objective, start, aux, x, y, progress)
+    return _first_order_ensemble(recipe, member_objective, start, aux, x, y, progress, on_epoch)
 
 
 def _at_floor(lr: Tensor, recipe: Recipe) -> Tensor:
@@ -789,7 +800,8 @@ def _check_finite(val: Tensor, g: dict[str, Tensor], where: str, recipe: Recipe)
 
 
 def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, start: dict, aux: tuple,
-                          x: Tensor, y: Tensor, progress: bool) -> EnsembleResult:
+                          x: Tensor, y: Tensor, progress: bool, on_epoch: EpochHook | None = None
+                          ) -> EnsembleResult:
     """Batched Adam / AMSGrad / SGD(+momentum) with per-member lr schedules and SWA.
 
     The update formulas are those of ``torch.optim`` (single-tensor path), written on stacked tensors. With
@@ -887,6 +899,8 @@ def _first_order_ensemble(recipe: Recipe, member_objective: MemberObjective, sta
                     swa[name] += (p - swa[name]) / _bcast(swa_count + 1, p)
             swa_count += 1
         bar.update(1)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, params)
         if recipe.schedule == "plateau":
             at_floor = _at_floor(lr, recipe)
             floor_epoch[alive] = torch.where(at_floor & (floor_epoch[alive] < 0), epoch + 1, floor_epoch[alive])

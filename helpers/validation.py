@@ -6,8 +6,8 @@ compared with and how (STUDY.md §3–§4.3):
 * **set-up** — :func:`test_points` (max / median / random test loss), :func:`select_candidates` (by training
   loss, by |estimate|, at random), :func:`last_layer_problem` (the last layer as a model of its own on cached
   features: last-layer estimates and retraining at the cost of a logistic regression), :func:`pool_images`;
-* **retraining trajectories** — :func:`warm_trajectory` records every member's test loss during warm-start
-  retraining (the paper's Fig. 5, and a sweep of retraining lengths from one run);
+* **retraining trajectories** — :func:`helpers.retrain.warm_start` with ``record_every`` records every member's
+  test loss during warm-start retraining (the paper's Fig. 5, and a sweep of retraining lengths from one run);
 * **agreement** — :func:`agreement` / :func:`agreement_table`: every metric of :mod:`helpers.metrics` with its
   bootstrap interval, signed and absolute; :func:`noise_summary`: drift, seed noise and the reliability ceiling
   of a ground truth;
@@ -33,7 +33,7 @@ import scipy.stats as st
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from helpers import metrics
@@ -41,8 +41,8 @@ from helpers.cache import memoize
 from helpers.influence import per_sample_grads, predict_removal
 from helpers.models import logistic_regression
 from helpers.objective import param_names, per_sample_losses, removal_weights
-from helpers.retrain import GroundTruth
-from helpers.train import Recipe, call_in_chunks, fit, fit_ensemble, member_chunk, model_with, weighted_objective
+from helpers.retrain import GroundTruth, Trajectory
+from helpers.train import Recipe, fit, fit_ensemble, model_with
 
 Data = tuple[Tensor, Tensor]
 Rule = Literal["loss", "estimate", "random"]
@@ -421,10 +421,11 @@ def run_protocols(problem: Problem, removed: Sequence[int], protocols: Protocols
     out: dict[str, Any] = {}
     out["cold"] = retrain.cold_start(problem.model, problem.train, problem.test, cold_removed, problem.recipe,
                                      list(protocols.seeds), theta_hat=theta, progress=False, cache=cache)
-    out["warm_all"] = warm_trajectory(problem.model, theta, problem.train, problem.test, which("warm_all"),
-                                      protocols.warm, every=protocols.every, cache=cache)
-    out["warm_last"] = warm_trajectory(problem.head, None, problem.head_train, problem.head_test,
-                                       which("warm_last"), protocols.head, every=protocols.head_every, cache=cache)
+    out["warm_all"] = retrain.warm_start(problem.model, theta, problem.train, problem.test, which("warm_all"),
+                                         protocols.warm, record_every=protocols.every, cache=cache).trajectory
+    out["warm_last"] = retrain.warm_start(problem.head, None, problem.head_train, problem.head_test,
+                                          which("warm_last"), protocols.head, record_every=protocols.head_every,
+                                          cache=cache).trajectory
     target, tr, te = ((problem.model, problem.train, problem.test) if problem.params == "all"
                       else (problem.head, problem.head_train, problem.head_test))
     out["pbrf"] = retrain.pbrf(target, None, tr, te, which("pbrf"), protocols.pbrf.replace(
@@ -663,161 +664,6 @@ def selection_grid(problem: Problem, delta: np.ndarray, pool: Sequence[int], k: 
 # -------------------------------------------------------------------------------------- trajectories
 
 
-@dataclass
-class Trajectory:
-    """Test losses of a warm-start retraining ensemble recorded along the way.
-
-    Attributes:
-        epochs: ``[c]`` the epochs recorded (0 = θ̂ itself, before any step).
-        test_losses: ``[c, n_removed + 1, n_test]`` per member, the nothing-removed (drift) member last.
-        ref_loss: ``[n_test]`` ℓ(z_test, θ̂).
-        removed: ``[n_removed]`` training indices.
-        recipe: ``Recipe.to_dict()`` of the retraining; settings: params subset and leave-one-out objective.
-        grad_norm: ``[n_removed + 1]`` final ‖∇R‖₂ of each member's objective (full data).
-    """
-
-    epochs: np.ndarray
-    test_losses: np.ndarray
-    ref_loss: np.ndarray
-    removed: np.ndarray
-    recipe: dict[str, Any]
-    settings: dict[str, Any]
-    grad_norm: np.ndarray
-
-    @property
-    def delta(self) -> np.ndarray:
-        """``[c, n_test, n_removed]`` Δ_true at each recorded epoch (member minus θ̂)."""
-        return np.transpose(self.test_losses[:, :-1] - self.ref_loss, (0, 2, 1))
-
-    @property
-    def drift(self) -> np.ndarray:
-        """``[c, n_test]`` the nothing-removed member's change of test loss at each recorded epoch."""
-        return self.test_losses[:, -1] - self.ref_loss
-
-    def at(self, epoch: int) -> GroundTruth:
-        """The warm-start :class:`~helpers.retrain.GroundTruth` after ``epoch`` epochs (must be recorded)."""
-        hits = np.flatnonzero(self.epochs == epoch)
-        if hits.size == 0:
-            raise ValueError(f"epoch {epoch} was not recorded; recorded: {self.epochs.tolist()}")
-        c = int(hits[0])
-        return GroundTruth(protocol="warm_start", delta=self.delta[c], drift=self.drift[c], removed=self.removed,
-                           recipe=dict(self.recipe, epochs=int(epoch)), test_losses=self.test_losses[c],
-                           ref_loss=self.ref_loss, grad_norm=np.full(len(self.removed) + 1, np.nan),
-                           settings=dict(self.settings, recorded_epoch=int(epoch)))
-
-
-def _batch_indices(n: int, recipe: Recipe, gen: torch.Generator):
-    """One epoch's batches: the same permutation stream as :mod:`helpers.train` (seeded by ``recipe.seed``),
-    so a recorded trajectory ends exactly where :func:`helpers.retrain.warm_start` ends (tested)."""
-    if recipe.batch_size is None or recipe.batch_size >= n:
-        yield None, 1.0
-        return
-    perm = torch.randperm(n, generator=gen)
-    for s in range(0, n, recipe.batch_size):
-        idx = perm[s:s + recipe.batch_size]
-        yield idx, n / idx.numel()
-
-
-def warm_trajectory(model: nn.Module, theta_hat: dict[str, Tensor] | None, train: Data, test: Data,
-                    removed: Sequence[int], recipe: Recipe, *, every: int | None = None,
-                    epochs: Sequence[int] | None = None, params: str | list[str] = "all", loo: str = "drop",
-                    cache: bool = True) -> Trajectory:
-    """Warm-start retraining without each removed point (and a drift member), recording test losses on the way.
-
-    The same protocol as :func:`helpers.retrain.warm_start` — continue from θ̂ with a fresh optimizer on the
-    objective with z_i's weight set to zero — but the members' test losses are recorded after the epochs in
-    ``epochs`` (or every ``every`` epochs), which gives the paper's Fig. 5 and a whole sweep of retraining
-    lengths from one run. The optimizer is ``torch.optim.Adam`` / ``SGD`` on the stacked parameters
-    ``[members, ...]`` with the sum of the members' objectives: both are element-wise, so member j follows
-    exactly its own trajectory.
-
-    Args:
-        recipe: Adam or SGD with a constant learning rate (``schedule="none"``, no SWA); full batch or
-            mini-batches (same batch stream as :mod:`helpers.train`).
-        every / epochs: record every ``every`` epochs, or at the listed epochs (epoch 0 and the last are always
-            recorded).
-        params: the retrained subset (``"all"``, ``"last"``, names); loo: ``"drop"`` or ``"reaverage"``.
-
-    Returns:
-        :class:`Trajectory`. Cost: as ``warm_start`` (one ensemble of ``len(removed) + 1`` members for
-        ``recipe.epochs``) plus one vmapped test forward pass per recorded epoch.
-    """
-    if recipe.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"warm_trajectory records Adam or SGD runs, got optimizer {recipe.optimizer!r}: use "
-                         "helpers.retrain.warm_start for Newton / L-BFGS")
-    if recipe.schedule != "none" or recipe.swa_start is not None:
-        raise ValueError("warm_trajectory needs a constant learning rate (schedule='none') and no SWA; use "
-                         "helpers.retrain.warm_start for other recipes")
-    if every is None and epochs is None:
-        raise ValueError("give `every` (record every so many epochs) or `epochs` (a list)")
-    marks = set(int(e) for e in (epochs if epochs is not None else range(0, recipe.epochs + 1, int(every))))
-    if any(e < 0 or e > recipe.epochs for e in marks):
-        raise ValueError(f"recorded epochs must lie in [0, {recipe.epochs}], got {sorted(marks)}")
-    marks |= {0, recipe.epochs}
-    x, y = train
-    n = x.shape[0]
-    r = [int(i) for i in np.asarray(removed).reshape(-1)]
-    if any(not 0 <= i < n for i in r):
-        raise ValueError(f"removed indices must lie in [0, {n}), got {r}")
-    named = dict(model.named_parameters())
-    theta = {k: v.detach() for k, v in named.items()} | {k: v.detach() for k, v in (theta_hat or {}).items()}
-    key = {"model": model, "theta": theta, "train": [x, y], "test": list(test), "removed": r,
-           "recipe": recipe.to_dict(), "marks": sorted(marks), "params": params, "loo": loo}
-
-    def compute() -> Trajectory:
-        dt = recipe.torch_dtype
-        xc = x.to(dt) if x.is_floating_point() else x
-        yc = y.long() if recipe.loss == "cross_entropy" else y.to(dt)
-        xt, yt = test[0].to(dt), (test[1].long() if recipe.loss == "cross_entropy" else test[1].to(dt))
-        work = model_with(model, theta, dtype=dt, device=xc.device).requires_grad_(False)
-        names = param_names(work, params)
-        k = len(r) + 1
-        w = removal_weights(n, r + [-1], loo, dtype=dt).to(xc.device)
-        stacked = {nm: theta[nm].to(dtype=dt, device=xc.device)[None].repeat(k, *[1] * theta[nm].dim())
-                   .requires_grad_(True) for nm in names}
-        member = weighted_objective(work, recipe)
-        vg = vmap(grad_and_value(member), in_dims=(0, 0, None, None, None, None))
-        chunk = member_chunk(member, stacked, (w,), xc, yc, recipe.batch_size)  # members per call: memory budget
-        test_loss = vmap(lambda p: per_sample_losses(work, p, xt, yt, recipe.loss))
-        leaves = list(stacked.values())
-        if recipe.optimizer == "adam":
-            # The L2 term is in the objective (coupled, as helpers.train does): no weight_decay here.
-            opt = torch.optim.Adam(leaves, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
-                                   amsgrad=recipe.amsgrad, foreach=False)
-        else:
-            opt = torch.optim.SGD(leaves, lr=recipe.lr, momentum=recipe.momentum, foreach=False)
-        gen = torch.Generator().manual_seed(recipe.seed)
-        rec_epochs, rec = [], []
-
-        def record(epoch: int) -> None:
-            with torch.no_grad():
-                rec.append(test_loss({nm: v.detach() for nm, v in stacked.items()}).double().cpu())
-            rec_epochs.append(epoch)
-
-        record(0)
-        for epoch in range(1, recipe.epochs + 1):
-            for idx, scale in _batch_indices(n, recipe, gen):
-                xb, yb = (xc, yc) if idx is None else (xc[idx], yc[idx])
-                g, val = call_in_chunks(vg, {nm: v.detach() for nm, v in stacked.items()}, (w,), xb, yb, idx, scale,
-                                        chunk=chunk)
-                if not bool(torch.isfinite(val).all()):
-                    raise FloatingPointError(f"non-finite training loss at epoch {epoch}: lower the learning "
-                                             f"rate {recipe.lr} or use float64")
-                for nm, p in stacked.items():
-                    p.grad = g[nm]
-                opt.step()
-            if epoch in marks:
-                record(epoch)
-        g, _ = call_in_chunks(vg, {nm: v.detach() for nm, v in stacked.items()}, (w,), xc, yc, None, 1.0,
-                              chunk=member_chunk(member, stacked, (w,), xc, yc))
-        gn = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in g.values()))
-        losses = torch.stack(rec).numpy()  # [c, k, n_test]
-        # The reference comes from the same kernel (epoch 0, drift member): a member that never moves has Δ = 0.
-        return Trajectory(epochs=np.asarray(rec_epochs), test_losses=losses, ref_loss=losses[0, -1].copy(),
-                          removed=np.asarray(r, dtype=np.int64), recipe=recipe.to_dict(),
-                          settings={"params": params, "loo": loo}, grad_norm=gn.double().cpu().numpy())
-
-    return memoize("warm_trajectory", key, compute) if cache else compute()
 
 
 # ----------------------------------------------------------------------------------------- agreement

@@ -47,7 +47,8 @@ def mlp_problem():
 def test_trajectory_ends_where_warm_start_ends(mlp_problem, recipe, params):
     model, theta, train, test = mlp_problem
     removed = [0, 3, 7, 29]
-    tr = V.warm_trajectory(model, theta, train, test, removed, recipe, every=5, params=params, cache=False)
+    tr = retrain.warm_start(model, theta, train, test, removed, recipe, params=params, cache=False, progress=False,
+                            record_every=5).trajectory
     gt = retrain.warm_start(model, theta, train, test, removed, recipe, params=params, cache=False, progress=False)
     assert tr.epochs[0] == 0 and tr.epochs[-1] == recipe.epochs
     np.testing.assert_allclose(tr.delta[-1], gt.delta, rtol=0, atol=1e-13)
@@ -60,7 +61,8 @@ def test_trajectory_ends_where_warm_start_ends(mlp_problem, recipe, params):
 def test_trajectory_intermediate_epochs_are_shorter_warm_starts(mlp_problem):
     """Full batch, constant lr: the state after e epochs of a long run is the run of length e."""
     model, theta, train, test = mlp_problem
-    tr = V.warm_trajectory(model, theta, train, test, [1, 4], ADAM, epochs=[10, 20], cache=False)
+    tr = retrain.warm_start(model, theta, train, test, [1, 4], ADAM, record_epochs=[10, 20], cache=False,
+                            progress=False).trajectory
     assert tr.epochs.tolist() == [0, 10, 20, 30]
     short = retrain.warm_start(model, theta, train, test, [1, 4], ADAM.replace(epochs=10), cache=False,
                                progress=False)
@@ -74,14 +76,18 @@ def test_trajectory_intermediate_epochs_are_shorter_warm_starts(mlp_problem):
 
 def test_trajectory_refuses_recipes_it_cannot_record(mlp_problem):
     model, theta, train, test = mlp_problem
+    def record(recipe, removed=(0,), **kw):
+        return retrain.warm_start(model, theta, train, test, list(removed), recipe, cache=False, progress=False, **kw)
+
     with pytest.raises(ValueError, match="constant learning rate"):
-        V.warm_trajectory(model, theta, train, test, [0], ADAM.replace(schedule="plateau"), every=5, cache=False)
-    with pytest.raises(ValueError, match="Newton"):
-        V.warm_trajectory(model, theta, train, test, [0], Recipe(optimizer="newton"), every=5, cache=False)
-    with pytest.raises(ValueError, match="every"):
-        V.warm_trajectory(model, theta, train, test, [0], ADAM, cache=False)
-    with pytest.raises(ValueError, match="removed indices"):
-        V.warm_trajectory(model, theta, train, test, [30], ADAM, every=5, cache=False)
+        record(ADAM.replace(schedule="plateau"), record_every=5)
+    with pytest.raises(ValueError, match="Adam or SGD"):
+        record(Recipe(optimizer="newton"), record_every=5)
+    with pytest.raises(ValueError, match=r"\[0, 30\]"):
+        record(ADAM, record_epochs=[31])
+    with pytest.raises(ValueError, match="removed"):
+        record(ADAM, removed=[30], record_every=5)
+    assert record(ADAM).trajectory is None  # nothing asked, nothing recorded
 
 
 # ------------------------------------------------------------------------------------------ set-up
