@@ -1306,7 +1306,8 @@ def _fit_to_tolerance(theta0: Tensor, evaluate: Callable, operator: Callable, to
         if gn < tol:
             break
         # inexact Newton: a residual of min(0.5, ‖g‖)·‖g‖ keeps the convergence quadratic
-        res = solve(operator(theta), g.reshape(-1), method="cg", rtol=max(min(0.5, gn), 1e-14))
+        res = solve(operator(theta), g.reshape(-1), method="cg", rtol=max(min(0.5, gn), 1e-14),
+                    progress=False)  # the fit's own bar covers it
         cg_total += res.iterations
         step = res.x.view(shape)
         slope = -float((g * step).sum())
