@@ -73,6 +73,28 @@ def record(name: str, value: Any, *, fmt: str | None = None, display: bool = Fal
     return value
 
 
+def record_ci(name: str, triple: Any, *, fmt: str | None = "{:.2f}") -> tuple[float, float, float]:
+    """Record a value with its confidence interval as ``name``, ``name_low``, ``name_high`` (each glued with
+    ``fmt``). ``triple``: ``(value, low, high)``. Returns the three floats."""
+    value, low, high = (float(v) for v in triple)
+    for suffix, v in (("", value), ("_low", low), ("_high", high)):
+        record(name + suffix, v, fmt=fmt)
+    return value, low, high
+
+
+def say(name: str, text: str) -> str:
+    """Glue a computed sentence for the prose (``{glue:text}`name```); not a number, so not a record."""
+    if not isinstance(text, str):
+        raise TypeError(f"say({name!r}) takes a sentence (str), got {type(text).__name__}: use record() for numbers")
+    try:
+        from myst_nb import glue
+
+        glue(name, text, display=False)
+    except ImportError:  # outside a notebook build there is no page to glue to
+        pass
+    return text
+
+
 NOT_RUN = "not run in this profile"
 
 

@@ -6,11 +6,14 @@ labels with units, the paper's numbers in grey beside the book's in colour.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 
 def set_style() -> None:
@@ -61,3 +64,77 @@ def strip_by_group(ax: Axes, frame: pd.DataFrame, column: str, by: list[str], *,
         labels.append(name + (f"\nn/a: {v.size - ok.size}" if ok.size < v.size else ""))
     ax.set_xticks(range(len(groups)), labels, rotation=90, fontsize="x-small")
     return ax
+
+
+def paired_bars(ax: Axes, frame: pd.DataFrame, x: str, series: Sequence[tuple[str, str, str]], *,
+                hatch: Sequence[str | None] | None = None) -> Axes:
+    """Grouped bars with confidence-interval whiskers, one group per value of ``frame[x]``.
+
+    ``series``: ``(label, column, color)`` triples; each bar is ``frame[column]`` with whiskers from
+    ``frame[column + "_low"]`` to ``frame[column + "_high"]`` (e.g. the paper's and the book's mean |ρ| from
+    :func:`helpers.sweeps.summarize_runs`). Where ``frame[column + "_runs"]`` lists the runs of a bar (a group of at most
+    :data:`helpers.sweeps.SHOW_RUNS`), they are drawn as dots on it. Missing values (NaN: a setting one side did not run) leave a
+    gap. Returns ``ax``.
+    """
+    missing = [c for _, col, _ in series for c in (col, f"{col}_low", f"{col}_high") if c not in frame.columns]
+    if missing or x not in frame.columns:
+        raise KeyError(f"frame lacks columns {missing or [x]}: pass the output of sweeps.summarize_runs / compare_bars")
+    xs = sorted(frame[x].unique())
+    pos = {v: i for i, v in enumerate(xs)}
+    width = 0.8 / max(1, len(series))
+    for s_i, (label, col, color) in enumerate(series):
+        part = frame.dropna(subset=[col])
+        at = np.array([pos[v] for v in part[x]]) - 0.4 + width * (s_i + 0.5)
+        mid = part[col].to_numpy(float)
+        err = np.vstack([mid - part[f"{col}_low"].to_numpy(float), part[f"{col}_high"].to_numpy(float) - mid])
+        ax.bar(at, mid, width=width, color=color, label=label, hatch=None if hatch is None else hatch[s_i],
+               edgecolor="white", linewidth=0.5)
+        ax.errorbar(at, mid, yerr=np.clip(err, 0, None), fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5)
+        if f"{col}_runs" in part.columns:
+            for a, listed in zip(at, part[f"{col}_runs"]):
+                if isinstance(listed, str) and listed:
+                    vals = np.array([float(t) for t in listed.split(";")])
+                    ax.scatter(np.full(vals.size, a), vals, s=5, color="0.1", zorder=3, lw=0)
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.axhline(0, color="0.5", lw=0.6)
+    return ax
+
+
+def sweep_bars_grid(bars: pd.DataFrame, regimes: Sequence[str], column: str, label: str,
+                    sides: Sequence[tuple[str, str, str]], *, n_depths: int, n_widths: int,
+                    ylim: tuple[float, float] = (0.0, 1.0)) -> Figure:
+    """The paper's Fig. 1 layout: a row per regime, the depth sweep left and the width sweep right, each panel
+    :func:`paired_bars` of ``column`` for every side.
+
+    Args:
+        bars: one row per ``sweep, regime, value`` with ``column + t + suffix`` for t in ``"", "_low", "_high"``
+            (and optionally ``column + "_runs" + suffix``) for every side's suffix.
+        sides: ``(legend label, column suffix, colour)``, e.g. ``("paper", "_paper", "0.65")``.
+        n_depths, n_widths: the number of settings of each sweep (panel widths). ylim: the y range.
+
+    Returns the figure (the caller glues and closes it).
+    """
+    fig, axes = plt.subplots(len(regimes), 2, figsize=(10, 1.9 * len(regimes)), sharey=True,
+                             gridspec_kw={"width_ratios": [n_depths + 0.5, n_widths + 0.5]}, squeeze=False)
+    for i, reg in enumerate(regimes):
+        for j, sw in enumerate(["depth", "width"]):
+            ax = axes[i][j]
+            part = bars[(bars.sweep == sw) & (bars.regime == reg)]
+            if part.empty:
+                ax.set_axis_off()
+                continue
+            frame = pd.DataFrame({"value": part["value"]})
+            series = []
+            for k, (name, suffix, color) in enumerate(sides):
+                tag = f"s{k}"
+                for t in ("", "_low", "_high"):
+                    frame[tag + t] = part[column + t + suffix].to_numpy(float)
+                if column + "_runs" + suffix in part.columns:  # five runs or fewer: drawn as dots
+                    frame[tag + "_runs"] = part[column + "_runs" + suffix].to_numpy(object)
+                series.append((name, tag, color))
+            paired_bars(ax, frame, "value", series)
+            ax.set(ylim=ylim, ylabel=f"{reg}\n{label}" if j == 0 else "")
+            if i == len(regimes) - 1:
+                ax.set_xlabel("hidden layers (width 5)" if sw == "depth" else "units (one hidden layer)")
+    axes[0][0].legend(frameon=False, fontsize="small", ncol=3, loc="upper right")
+    return fig

@@ -67,7 +67,7 @@ __all__ = [
     "batched_last_layer_influence", "paper_inverse_influence", "bnn_last_layer_influence", "hessian_spectrum",
     "stack_hessian_spectra", "lanczos_check", "run_iris_chunk", "run_iris_sweeps", "floor_table",
     "full_length_check", "full_length_tasks", "compare_full_length", "member_retraining_curve", "summarize_runs",
-    "compare_bars", "regime_gap", "run_deep", "paired_bars",
+    "compare_bars", "regime_gap", "tag_runs", "difference_reasons", "setting_mean_ci", "FLATTER", "run_deep",
 ]
 
 
@@ -1534,7 +1534,7 @@ def summarize_runs(runs: pd.DataFrame, by: Sequence[str], *, columns: Sequence[s
 
     A group of at most :data:`SHOW_RUNS` runs gets no bootstrap interval (with n = 3 there are 10 distinct
     resamples): ``low`` / ``high`` are the smallest and largest run, ``<column>_runs`` lists the runs
-    (``;``-separated, for :func:`paired_bars` to draw) and ``<column>_interval`` says which of the two it is.
+    (``;``-separated, for :func:`helpers.plots.paired_bars` to draw) and ``<column>_interval`` says which of the two it is.
     """
     from helpers.stats import mean_ci
 
@@ -1612,6 +1612,89 @@ def regime_gap(comparison: pd.DataFrame, regime: str, column: str = "abs_spearma
     return {"n": int(len(part)), "n_separate": n_sep, "n_below": n_below,
             "text": f"{'; '.join(pieces)}. The intervals are disjoint in {n_sep} of {len(part)} settings, the book's "
                     f"below the paper's in {n_below}"}
+
+
+def tag_runs(frame: pd.DataFrame, side: str) -> pd.DataFrame:
+    """Suffix ``side`` (e.g. ``"_paper"``) to the ``*_runs`` / ``*_interval`` columns of :func:`summarize_runs`'s
+    frame, so that a small group's runs keep the side they belong to through a merge of two sides' bars."""
+    return frame.rename(columns={c: c + side for c in frame.columns if c.endswith(("_runs", "_interval"))})
+
+
+#: "far flatter": the paper's whole interval of the mean top eigenvalue lies below this fraction of the lower end
+#: of the book's (the networks were trained much further towards zero loss)
+FLATTER = 0.01
+
+
+def _mean_ci_of(frame: pd.DataFrame, column: str, key: tuple, n_bootstrap: int, seed: int) -> tuple[float, ...]:
+    sel = frame[(frame.sweep == key[0]) & (frame.regime == key[1]) & (frame.value == key[2])][column].dropna()
+    from helpers.stats import mean_ci
+
+    return mean_ci(sel, n_resamples=n_bootstrap, seed=seed) if len(sel) else (np.nan,) * 3
+
+
+def difference_reasons(separate: pd.DataFrame, book_bars: pd.DataFrame, paper_runs: pd.DataFrame,
+                       models: pd.DataFrame, *, test_point: int, n_bootstrap: int, seed: int,
+                       flatter: float = FLATTER) -> pd.DataFrame:
+    """Why a book bar's interval is disjoint from the paper's: the first computed variant that reaches it.
+
+    For each row of ``separate`` (rows of :func:`compare_bars` whose |ρ| intervals are disjoint) the variants are
+    tried in order: the test point is not the paper's (83); the paper's networks are far flatter (its interval of
+    the mean top Hessian eigenvalue below ``flatter`` × the lower end of the book's: ``paper_runs.top_eig`` against
+    ``models.top_no_l2``); the paper's float32 inverse (``book_bars`` estimator ``paper_inv32``) reaches the paper's
+    interval; the other retraining protocol does; else "not explained".
+
+    Returns ``separate`` with ``book_inv32``, ``book_other_protocol`` (those variants' mean |ρ|, NaN where not run)
+    and ``reason``. Cost: two bootstraps per row.
+    """
+    keys = ["sweep", "regime", "value"]
+    variant = {pe: g.set_index(keys)[["abs_spearman", "abs_spearman_low", "abs_spearman_high"]]
+               for pe, g in book_bars.groupby(["protocol", "estimator"])}
+    out = separate.copy()
+
+    def base(r: Any) -> tuple:
+        return r.sweep, r.regime.removesuffix("_toplayer"), r.value
+
+    def protocols(r: Any) -> tuple[str, str]:
+        own = "last_layer" if r.regime.endswith("_toplayer") else "all_layers"
+        return own, "all_layers" if own == "last_layer" else "last_layer"
+
+    def overlaps(r: Any, proto: str, est: str) -> tuple[float, bool]:
+        tab = variant.get((proto, est))
+        if tab is None or base(r) not in tab.index:
+            return np.nan, False
+        v = tab.loc[base(r)]
+        return v.abs_spearman, bool(v.abs_spearman_low <= r.paper_abs_spearman_high
+                                     and v.abs_spearman_high >= r.paper_abs_spearman_low)
+
+    def saturated(r: Any) -> bool:
+        p_ = _mean_ci_of(paper_runs, "top_eig", base(r), n_bootstrap, seed)
+        b_ = _mean_ci_of(models, "top_no_l2", base(r), n_bootstrap, seed)
+        return bool(np.isfinite(p_[2]) and np.isfinite(b_[1]) and p_[2] < flatter * b_[1])
+
+    def reason(r: Any) -> str:
+        own, other = protocols(r)
+        if test_point != 83:
+            return "test point"
+        if saturated(r):
+            return "paper's networks far flatter"
+        if overlaps(r, own, "paper_inv32")[1]:
+            return "float32 inverse"
+        if overlaps(r, other, "paper")[1]:
+            return f"protocol ({other.replace('_', ' ')})"
+        return "not explained"
+
+    rows = list(out.itertuples())
+    out["book_inv32"] = [overlaps(r, protocols(r)[0], "paper_inv32")[0] for r in rows]
+    out["book_other_protocol"] = [overlaps(r, protocols(r)[1], "paper")[0] for r in rows]
+    out["reason"] = [reason(r) for r in rows]
+    return out
+
+
+def setting_mean_ci(frame: pd.DataFrame, column: str, key: tuple, *, n_bootstrap: int, seed: int
+                    ) -> tuple[float, float, float]:
+    """Mean of ``column`` over the runs of one setting ``key = (sweep, regime, value)`` with its bootstrap 95 %
+    interval (:func:`helpers.stats.mean_ci`); NaNs where the setting has no run."""
+    return tuple(float(v) for v in _mean_ci_of(frame, column, key, n_bootstrap, seed))
 
 
 # ============================================================================================ larger models
@@ -1886,37 +1969,3 @@ def _run_deep(cfg: DeepConfig, progress: bool) -> DeepResult:
 
 
 # ============================================================================================ figures
-
-
-def paired_bars(ax: Any, frame: pd.DataFrame, x: str, series: Sequence[tuple[str, str, str]], *,
-                hatch: Sequence[str | None] | None = None) -> Any:
-    """Grouped bars with confidence-interval whiskers, one group per value of ``frame[x]``.
-
-    ``series``: ``(label, column, color)`` triples; each bar is ``frame[column]`` with whiskers from
-    ``frame[column + "_low"]`` to ``frame[column + "_high"]`` (e.g. the paper's and the book's mean |ρ| from
-    :func:`summarize_runs`). Where ``frame[column + "_runs"]`` lists the runs of a bar (a group of at most
-    :data:`SHOW_RUNS`), they are drawn as dots on it. Missing values (NaN: a setting one side did not run) leave a
-    gap. Returns ``ax``.
-    """
-    missing = [c for _, col, _ in series for c in (col, f"{col}_low", f"{col}_high") if c not in frame.columns]
-    if missing or x not in frame.columns:
-        raise KeyError(f"frame lacks columns {missing or [x]}: pass the output of summarize_runs / compare_bars")
-    xs = sorted(frame[x].unique())
-    pos = {v: i for i, v in enumerate(xs)}
-    width = 0.8 / max(1, len(series))
-    for s_i, (label, col, color) in enumerate(series):
-        part = frame.dropna(subset=[col])
-        at = np.array([pos[v] for v in part[x]]) - 0.4 + width * (s_i + 0.5)
-        mid = part[col].to_numpy(float)
-        err = np.vstack([mid - part[f"{col}_low"].to_numpy(float), part[f"{col}_high"].to_numpy(float) - mid])
-        ax.bar(at, mid, width=width, color=color, label=label, hatch=None if hatch is None else hatch[s_i],
-               edgecolor="white", linewidth=0.5)
-        ax.errorbar(at, mid, yerr=np.clip(err, 0, None), fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5)
-        if f"{col}_runs" in part.columns:
-            for a, listed in zip(at, part[f"{col}_runs"]):
-                if isinstance(listed, str) and listed:
-                    vals = np.array([float(t) for t in listed.split(";")])
-                    ax.scatter(np.full(vals.size, a), vals, s=5, color="0.1", zorder=3, lw=0)
-    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
-    ax.axhline(0, color="0.5", lw=0.6)
-    return ax

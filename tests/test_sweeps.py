@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import models, paper_data, retrain, sweeps
+from helpers import models, paper_data, plots, retrain, sweeps
 from helpers.influence import predict_removal
 from helpers.objective import per_sample_losses
 from helpers.models import init_params
@@ -289,7 +289,7 @@ def test_summarize_runs_shows_few_runs_as_runs_and_many_with_a_bootstrap_interva
     assert s.loc["few", "spearman_interval"] == "runs" and s.loc["many", "spearman_interval"] == "bootstrap 95%"
     assert s.loc["many", "spearman_high"] - s.loc["many", "spearman_low"] < 0.2 and pd.isna(s.loc["many", "spearman_runs"])
     fig, ax = plt.subplots()
-    sweeps.paired_bars(ax, s.reset_index(), "g", [("book", "spearman", "C0")])
+    plots.paired_bars(ax, s.reset_index(), "g", [("book", "spearman", "C0")])
     assert len(ax.collections) >= 2  # the whiskers and the dots of the three runs
     plt.close(fig)
 
@@ -353,10 +353,10 @@ def test_paired_bars_draws_every_available_bar() -> None:
                           "a_high": [0.6, 0.7, float("nan")], "b": [0.1, 0.2, 0.3], "b_low": [0.0, 0.1, 0.2],
                           "b_high": [0.2, 0.3, 0.4]})
     fig, ax = plt.subplots()
-    sweeps.paired_bars(ax, frame, "v", [("A", "a", "C0"), ("B", "b", "C1")])
+    plots.paired_bars(ax, frame, "v", [("A", "a", "C0"), ("B", "b", "C1")])
     assert len(ax.patches) == 5  # the missing bar leaves a gap
     with pytest.raises(KeyError, match="lacks"):
-        sweeps.paired_bars(ax, frame, "v", [("C", "c", "C2")])
+        plots.paired_bars(ax, frame, "v", [("C", "c", "C2")])
     plt.close(fig)
 
 
