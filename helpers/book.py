@@ -95,6 +95,12 @@ def say(name: str, text: str) -> str:
     return text
 
 
+def ci_column(frame: pd.DataFrame, column: str, fmt: str = "{:.4f}") -> list[str]:
+    """``"value [low, high]"`` strings for a table column with ``column_low`` / ``column_high`` beside it."""
+    return [f"{fmt.format(e)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+            for e, lo, hi in zip(frame[column], frame[column + "_low"], frame[column + "_high"])]
+
+
 NOT_RUN = "not run in this profile"
 
 

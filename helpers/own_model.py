@@ -671,7 +671,7 @@ def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, 
         bar.update()
 
         bar.set_postfix_str("retraining lengths, selection")
-        paths = _correlation_paths(problem, truths["warm_all"], candidates)
+        paths = V.correlation_path(truths["warm_all"], problem.estimate[0], candidates)
         wg = truths["warm_all"].at(int(truths["warm_all"].epochs[-1]))
         selection = V.selection_grid(problem, wg.delta[:, V.columns_of(wg.removed, pool)], pool, k, seed=seed,
                                      n_resamples=n_bootstrap, top_k=top_k)
@@ -694,20 +694,6 @@ def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, 
         return ChecklistResult(agreement=agreement, headline=headline, checks=checks, selection=selection, paths=paths,
                                scatter=scatter, problem=problem, truths=truths, candidates=np.asarray(candidates),
                                lengths=lengths)
-
-
-def _correlation_paths(problem: V.Problem, traj: V.Trajectory, candidates: np.ndarray) -> pd.DataFrame:
-    """Pearson / Spearman of the max-loss estimate with warm start on all layers at each recorded epoch."""
-    cols = V.columns_of(traj.removed, candidates)
-    est = problem.estimate[0, candidates]
-    rows = []
-    for i, e in enumerate(traj.epochs):  # one row per recorded epoch (tens), not per sample
-        d = traj.delta[i, 0, cols]
-        if e == 0 or np.ptp(d) == 0:
-            continue
-        rows.append({"epoch": int(e), "pearson": metrics.pearson(est, d), "spearman": metrics.spearman(est, d),
-                     "drift": float(traj.drift[i, 0]), "median_abs_delta": float(np.median(np.abs(d)))})
-    return pd.DataFrame(rows)
 
 
 def _known_answer(problem: V.Problem, candidates: np.ndarray, *, cache: bool, n_resamples: int = 1000,

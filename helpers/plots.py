@@ -23,6 +23,17 @@ def set_style() -> None:
                          "figure.constrained_layout.use": True})
 
 
+def small_ticks(ax: Axes) -> Axes:
+    """Few, small, plain tick labels for the grids of scatter panels (no offset text to collide with labels)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(4, symmetric=True))
+    ax.ticklabel_format(style="plain", useOffset=False)
+    ax.tick_params(labelsize=7)
+    return ax
+
+
 def predicted_vs_actual(ax: Axes, actual: np.ndarray, predicted: np.ndarray, *, label: str = "training point",
                         color: str | None = None, identity: bool = True) -> Axes:
     """Scatter predicted (y) against actual (x) change in test loss with the y = x line, on equal axes.

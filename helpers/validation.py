@@ -433,6 +433,46 @@ def run_protocols(problem: Problem, removed: Sequence[int], protocols: Protocols
     return out
 
 
+def lookup(frame: pd.DataFrame, column: str = "value", **match: Any) -> float:
+    """The one value of ``column`` in the row of ``frame`` whose columns equal ``match`` (e.g.
+    ``lookup(summary, "low", model="Iris MLP", metric="pearson")``). Raises naming the filter when no row or more
+    than one matches."""
+    sel = np.ones(len(frame), dtype=bool)
+    for k, want in match.items():
+        if k not in frame.columns:
+            raise KeyError(f"no column {k!r} to match on; the frame has {list(frame.columns)}")
+        sel &= (frame[k] == want).to_numpy()
+    if int(sel.sum()) != 1:
+        raise ValueError(f"{int(sel.sum())} rows match {match}: exactly one was expected")
+    return float(frame.loc[sel, column].iloc[0])
+
+
+def trajectory_frame(traj: Trajectory, candidates: Sequence[int]) -> pd.DataFrame:
+    """Long frame of a recorded retraining: ``epoch, member ("without <i>" or "drift"), delta`` for the first
+    test point, one series per candidate and the drift member."""
+    cols = columns_of(traj.removed, candidates)
+    out = [pd.DataFrame({"epoch": traj.epochs, "member": f"without {int(traj.removed[c])}",
+                         "delta": traj.delta[:, 0, c]}) for c in cols]
+    out.append(pd.DataFrame({"epoch": traj.epochs, "member": "drift", "delta": traj.drift[:, 0]}))
+    return pd.concat(out, ignore_index=True)
+
+
+def correlation_path(traj: Trajectory, estimate: np.ndarray, candidates: Sequence[int]) -> pd.DataFrame:
+    """Pearson and Spearman of ``estimate`` (``[n_train]`` for the first test point) with the recorded Δ over the
+    candidates at every recorded epoch after 0 (epochs where Δ is constant are left out): ``epoch, pearson,
+    spearman, drift, median_abs_delta``. Cost: one correlation pair per recorded epoch."""
+    cols = columns_of(traj.removed, candidates)
+    est = np.asarray(estimate)[np.asarray(candidates)]
+    rows = []
+    for i, e in enumerate(traj.epochs):  # one row per recorded epoch (tens), not per sample
+        d = traj.delta[i, 0, cols]
+        if e == 0 or np.ptp(d) == 0:
+            continue
+        rows.append({"epoch": int(e), "pearson": metrics.pearson(est, d), "spearman": metrics.spearman(est, d),
+                     "drift": float(traj.drift[i, 0]), "median_abs_delta": float(np.median(np.abs(d)))})
+    return pd.DataFrame(rows)
+
+
 def columns_of(removed: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
     """Positions of ``candidates`` among a ground truth's ``removed`` indices (its Δ columns).
 
