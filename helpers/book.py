@@ -95,10 +95,13 @@ def say(name: str, text: str) -> str:
     return text
 
 
-def ci_column(frame: pd.DataFrame, column: str, fmt: str = "{:.4f}") -> list[str]:
-    """``"value [low, high]"`` strings for a table column with ``column_low`` / ``column_high`` beside it."""
+def ci_column(frame: pd.DataFrame, column: str, fmt: str = "{:.4f}", *, low: str | None = None,
+              high: str | None = None) -> list[str]:
+    """``"value [low, high]"`` strings for a table column; the bounds are the columns ``low`` / ``high`` (default
+    ``column + "_low"`` / ``column + "_high"``)."""
+    lo_col, hi_col = low or column + "_low", high or column + "_high"
     return [f"{fmt.format(e)} [{fmt.format(lo)}, {fmt.format(hi)}]"
-            for e, lo, hi in zip(frame[column], frame[column + "_low"], frame[column + "_high"])]
+            for e, lo, hi in zip(frame[column], frame[lo_col], frame[hi_col])]
 
 
 NOT_RUN = "not run in this profile"

@@ -536,7 +536,7 @@ class ChecklistResult:
             ground truth (figure data).
         problem, truths, candidates: the fixed problem, the ground truths (:func:`helpers.validation.run_protocols`)
             and the candidates (training positions, largest ``|estimate|`` for the max-loss test point first).
-        lengths: the shorter warm-start lengths reported as ``warm all @ e`` rows (:func:`retraining_lengths`).
+        lengths: the shorter warm-start lengths reported as ``warm all @ e`` rows (:func:`helpers.validation.retraining_lengths`).
     """
 
     agreement: pd.DataFrame
@@ -563,13 +563,6 @@ class ChecklistResult:
 def cold_name(n_seeds: int) -> str:
     """The cold-start seed mean's name in the agreement table (:func:`helpers.validation.side_by_side`)."""
     return f"cold ({n_seeds} seeds)"
-
-
-def retraining_lengths(epochs: Sequence[int]) -> list[int]:
-    """Two shorter retraining lengths to report besides the full one: about a tenth and a third of the run."""
-    e = np.asarray(epochs)
-    e = e[e > 0]
-    return sorted({int(e[max(0, len(e) // 10 - 1)]), int(e[max(0, len(e) // 3 - 1)])} - {int(e[-1])})
 
 
 def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, name: str = "your model",
@@ -664,7 +657,7 @@ def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, 
         bar.update()
 
         bar.set_postfix_str("agreement")
-        lengths = retraining_lengths(truths["warm_all"].epochs)
+        lengths = V.retraining_lengths(truths["warm_all"].epochs)
         top_k = max(2, k // 5)
         agreement = V.side_by_side(problem, truths, candidates, lengths=lengths, n_resamples=n_bootstrap, seed=seed,
                                    k=top_k)

@@ -433,6 +433,15 @@ def run_protocols(problem: Problem, removed: Sequence[int], protocols: Protocols
     return out
 
 
+def retraining_lengths(epochs: Sequence[int], *, drop_full: bool = True) -> list[int]:
+    """Two shorter retraining lengths to report besides the full one: about a tenth and a third of the recorded
+    epochs (after 0); ``drop_full`` leaves out the full length should one of them be it (a short run)."""
+    e = np.asarray(epochs)
+    e = e[e > 0]
+    out = {int(e[max(0, len(e) // 10 - 1)]), int(e[max(0, len(e) // 3 - 1)])}
+    return sorted(out - {int(e[-1])} if drop_full else out)
+
+
 def lookup(frame: pd.DataFrame, column: str = "value", **match: Any) -> float:
     """The one value of ``column`` in the row of ``frame`` whose columns equal ``match`` (e.g.
     ``lookup(summary, "low", model="Iris MLP", metric="pearson")``). Raises naming the filter when no row or more
