@@ -184,3 +184,17 @@ def test_build_times_are_recorded(mini_book: Path, tmp_path: Path, monkeypatch: 
                           root=mini_book, quiet=True)
     timings = json.loads(build.timings_path(out, "default").read_text())
     assert timings["chapters"]["good"]["cache_misses"] == 1 and timings["chapters"]["good"]["overrides"] == {"scale": 3}
+
+
+def test_every_chapter_hides_its_setup_cell_the_same_way() -> None:
+    """The cell that imports the helpers and sets the style is tagged hide-input in every chapter, and holds set-up
+    only (imports, style, threads, constants): the reader sees prose and calls, not boilerplate."""
+    for nb_path in sorted((REPO / "book").glob("*.ipynb")):
+        cells = [c for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
+        setup = [c for c in cells if "plots.set_style()" in "".join(c["source"])]
+        assert len(setup) == 1, f"{nb_path.name}: one set-up cell calls plots.set_style(), found {len(setup)}"
+        cell = setup[0]
+        assert "hide-input" in cell["metadata"].get("tags", []), f"{nb_path.name}: tag its set-up cell hide-input"
+        src = "".join(cell["source"])
+        assert "book.record(" not in src and "data.load(" not in src, (
+            f"{nb_path.name}: the set-up cell computes; move data loading and records to the next cell")
