@@ -36,6 +36,10 @@ def pages(html: Path) -> list[Path]:
     return found
 
 
+#: pixels; a taller page gets a screenshot of its first screen only
+SCREENSHOT_MAX_HEIGHT = 30_000
+
+
 def test_every_page_renders_figures_and_math_without_console_errors(smoke_book: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="install the dev extra (playwright)")
     shots = REPO / "_build" / "screenshots"
@@ -66,7 +70,11 @@ def test_every_page_renders_figures_and_math_without_console_errors(smoke_book: 
                 assert not broken, f"{page_path.name}: images that did not load: {broken}"
                 assert not problems, f"{page_path.name}: {problems}"
                 name = "index" if page_path.name == "index.html" else page_path.stem
-                page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+                # a screenshot is for a human to look at, not part of the check: the whole page where it is of
+                # reading length, the first screens of a reference page as long as the API (a full-page capture
+                # of that takes minutes on a loaded machine)
+                tall = page.evaluate("() => document.documentElement.scrollHeight") > SCREENSHOT_MAX_HEIGHT
+                page.screenshot(path=str(shots / f"{name}.png"), full_page=not tall, timeout=120_000)
                 page.close()
         finally:
             browser.close()
