@@ -388,6 +388,58 @@ class Protocols:
     cold_k: int | None = None
 
 
+#: chapter 3's three architectures, by key: the names its tables and figures use
+MODEL_NAMES: dict[str, str] = {"iris": "Iris MLP", "mnist": "MNIST MLP", "cnn": "small CNN"}
+
+
+def chapter_problems(s: int, data: dict[str, tuple[Data, Data]], recipes: dict[str, Recipe], *, iris_depth: int,
+                     iris_width: int, cnn_width: int, cnn_pool: int, iris_damping: float, pbrf_damping: float,
+                     head_tol: float, seed: int) -> dict[str, Problem]:
+    """Chapter 3's three models trained from initialisation seed ``s`` (the data split stays ``seed``).
+
+    ``data`` and ``recipes`` map ``"iris"``, ``"mnist"``, ``"cnn"`` to ``(train, test)`` and θ̂'s recipe. Iris: an
+    MLP (SELU, float64) with all parameters in the estimate, damping ``iris_damping`` raised where θ̂ is not a
+    minimum; MNIST: a 784-128-10 ReLU MLP; CNN: the small CNN on ``cnn_pool``-pooled images — both float32 with the
+    last layer in the estimate, refit to ``head_tol``. :func:`make_problem` for each (cached).
+    """
+    from helpers import models as zoo
+
+    iris = zoo.build("mlp", d_in=4, n_classes=3, depth=iris_depth, width=iris_width, activation="selu", seed=s,
+                     dtype=torch.float64)
+    mnist = zoo.build("mlp", d_in=784, n_classes=10, depth=1, width=128, activation="relu", seed=s,
+                      dtype=torch.float32)
+    cnn = zoo.build("small_cnn", width=cnn_width, input_size=28 // cnn_pool, seed=s, dtype=torch.float32)
+    return {
+        "iris": make_problem(MODEL_NAMES["iris"], iris, recipes["iris"], *data["iris"], params="all",
+                             damping=iris_damping, gn_damping=pbrf_damping, seed=seed, raise_damping=True),
+        "mnist": make_problem(MODEL_NAMES["mnist"], mnist, recipes["mnist"], *data["mnist"], params="last",
+                              gn_damping=pbrf_damping, seed=seed, head_tol=head_tol),
+        "cnn": make_problem(MODEL_NAMES["cnn"], cnn, recipes["cnn"], *data["cnn"], params="last",
+                            gn_damping=pbrf_damping, seed=seed, head_tol=head_tol)}
+
+
+def chapter_protocols(key: str, problem: Problem, s: int, *, n_seeds: int, retrain_lr: float, head_epochs: int,
+                      iris_retrain_epochs: int, mnist_retrain_epochs: int, iris_every: int, head_every: int,
+                      cold_k: int, pbrf_damping: float) -> Protocols:
+    """The ground-truth recipes of one of chapter 3's models: retraining objective = training objective (same λ).
+    Cold-start seeds continue from θ̂'s own seed ``s`` and never repeat it.
+
+    Iris: warm starts and the PBRF by Adam from θ̂ for ``iris_retrain_epochs`` (as Bae et al.: with small damping
+    the PBRF objective is not convex everywhere, which Newton refuses). MNIST and CNN: all-layer warm start with
+    θ̂'s own recipe for ``mnist_retrain_epochs`` at a constant rate, last layer and PBRF by full-batch Adam for
+    ``head_epochs`` (how far that is from its optimum is in the convergence table).
+    """
+    cold_seeds = tuple(s + 1 + j for j in range(n_seeds))
+    head = Recipe(optimizer="adam", lr=retrain_lr, epochs=head_epochs, weight_decay=problem.l2)
+    if key == "iris":
+        warm = Recipe(optimizer="adam", lr=retrain_lr, epochs=iris_retrain_epochs, weight_decay=problem.l2)
+        return Protocols(warm=warm, head=warm, pbrf=warm, pbrf_damping=pbrf_damping, seeds=cold_seeds,
+                         every=iris_every, head_every=iris_every, cold_k=cold_k)
+    warm = problem.recipe.replace(lr=retrain_lr, epochs=mnist_retrain_epochs, schedule="none")
+    return Protocols(warm=warm, head=head, pbrf=head, pbrf_damping=pbrf_damping, seeds=cold_seeds,
+                     every=1, head_every=head_every, cold_k=cold_k)
+
+
 def run_protocols(problem: Problem, removed: Sequence[int], protocols: Protocols, *,
                   wide: Sequence[int] | None = None, wide_protocols: Sequence[str] = ("warm_last", "pbrf"),
                   cache: bool = True) -> dict[str, Any]:
