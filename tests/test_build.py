@@ -198,3 +198,15 @@ def test_every_chapter_hides_its_setup_cell_the_same_way() -> None:
         src = "".join(cell["source"])
         assert "book.record(" not in src and "data.load(" not in src, (
             f"{nb_path.name}: the set-up cell computes; move data loading and records to the next cell")
+
+
+def test_chapters_define_no_functions() -> None:
+    """Logic lives in helpers with tests; a chapter only calls it (no def or class in any code cell)."""
+    import re
+
+    for nb_path in sorted((REPO / "book").glob("*.ipynb")):
+        for cell in json.loads(nb_path.read_text())["cells"]:
+            src = "".join(cell["source"])
+            if cell["cell_type"] == "code":
+                found = re.findall(r"^\s*(?:def|class)\s+(\w+)", src, re.M)
+                assert not found, f"{nb_path.name} defines {found}: move it into helpers (with a test)"
