@@ -12,7 +12,9 @@ NaN with a warning).
 * :func:`rank_resolution`: how far apart neighbouring values are, against :func:`pointwise_error`: how wrong an
   estimate is per point — when the second exceeds the first, a rank correlation must fall short of 1.
 * :func:`bootstrap_ci`: paired bootstrap intervals (BCa by default) from ``scipy.stats.bootstrap``.
-* :func:`summarize`: all of them with intervals, as one flat dict (a row of a results table).
+* :func:`summarize`: all of them with intervals, as one flat dict (a row of a results table);
+  :func:`agreement` adds |ρ| and the ratio of scales, :func:`agreement_table` makes the long table of many
+  (estimate, ground truth) pairs — the book's one agreement table.
 * :func:`noise_ceiling`: the best correlation any estimator can reach against a seed-noisy ground truth.
 * :func:`mean_abs_vs_signed`: how averaging ``|ρ|`` (as the paper's figures do) inflates agreement.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import scipy.stats as st
 
 ArrayLike = Any  # numpy array, torch tensor, or sequence of floats
@@ -271,6 +274,55 @@ def summarize(
         est, low, high = bootstrap_ci(metric, x, y, n_resamples=n_resamples, confidence=confidence, seed=seed)
         out[name], out[f"{name}_low"], out[f"{name}_high"] = est, low, high
     return out
+
+
+#: the metrics of an agreement table (:func:`agreement_table`), each with its paired bootstrap interval
+AGREEMENT_METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall", "sign_agreement", "top_k_overlap",
+                                      "relative_error")
+
+
+def agreement(pred: Any, true: Any, *, k: int | None = None, n_resamples: int = 1000, seed: int = 0
+              ) -> dict[str, float]:
+    """Every metric of estimate against ground truth, with paired bootstrap intervals, in one flat dict.
+
+    :func:`summarize` (Pearson, Spearman, Kendall, sign agreement, top-k overlap, relative error
+    with ``_low`` / ``_high``) plus ``abs_pearson`` / ``abs_spearman`` (what a paper reporting |ρ| would show)
+    and ``scale_ratio`` = median |pred| / median |true| (1 when the values agree in size; the paper's Fig. 4).
+
+    Args:
+        pred, true: ``[n]`` predicted and actual changes of one test loss over the same candidates.
+        k: top-k size (default n // 10, at least 1).
+    """
+    out = summarize(pred, true, k=k, n_resamples=n_resamples, seed=seed)
+    p, t = np.asarray(pred, dtype=float), np.asarray(true, dtype=float)
+    out["abs_pearson"], out["abs_spearman"] = abs(out["pearson"]), abs(out["spearman"])
+    mt = float(np.median(np.abs(t)))
+    out["scale_ratio"] = float(np.median(np.abs(p)) / mt) if mt > 0 else float("inf")
+    return out
+
+
+def agreement_table(pred: dict[str, Any], truths: dict[str, Any], *, k: int | None = None,
+                    n_resamples: int = 1000, seed: int = 0,
+                    extra: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """Long-form table of :func:`agreement` for every (estimate, ground truth) pair.
+
+    Args:
+        pred: ``{estimate name: [n] values}``; truths: ``{ground-truth name: [n] values}`` over the same points.
+        extra: per ground truth, columns to attach to its rows (e.g. ``{"cold": {"ceiling": 0.4}}``).
+
+    Returns:
+        Rows ``estimate, ground_truth, metric, value, low, high`` (+ the ``extra`` columns), one per metric of
+        :data:`AGREEMENT_METRICS` (``low`` / ``high`` = the 95 % bootstrap interval).
+    """
+    rows = []
+    for en, p in pred.items():
+        for gn, t in truths.items():
+            a = agreement(p, t, k=k, n_resamples=n_resamples, seed=seed)
+            for m in AGREEMENT_METRICS:
+                rows.append({"estimate": en, "ground_truth": gn, "metric": m, "value": a[m],
+                             "low": a[f"{m}_low"], "high": a[f"{m}_high"], "n": int(a["n"])}
+                            | dict((extra or {}).get(gn, {})))
+    return pd.DataFrame(rows)
 
 
 @dataclass(frozen=True)

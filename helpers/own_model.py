@@ -523,7 +523,7 @@ class ChecklistResult:
         headline: flat dict of finite numbers: sizes, θ̂'s diagnostics, the damping δ used and the spectrum behind
             it, whether the solve fell back to CG (``solver_fallback``) and the memory budget,
             ``<tag>_<metric>[_low|_high]`` for every tag of :data:`TRUTH_TAGS` and every metric of
-            :data:`helpers.validation.AGREEMENT_METRICS`, ``<tag>_slope[_low|_high]`` (fitted slope of estimate on
+            :data:`helpers.metrics.AGREEMENT_METRICS`, ``<tag>_slope[_low|_high]`` (fitted slope of estimate on
             truth), noise ceilings, drift ratios, the spreads over retraining length and selection, all with
             intervals, the known-answer test on ranks and values, and the tally of verdicts (``checks_pass``,
             ``checks_fail``, ``checks_inconclusive``).
@@ -891,7 +891,7 @@ def _headline(problem: V.Problem, truths: dict[str, Any], agreement: pd.DataFram
     for (est, gt), tag in TRUTH_TAGS.items():
         gt = cold_name(n_seeds) if gt == "cold" else gt
         rows = agreement[(agreement.estimate == est) & (agreement.ground_truth == gt)]
-        for m in V.AGREEMENT_METRICS:
+        for m in metrics.AGREEMENT_METRICS:
             r = rows[rows.metric == m].iloc[0]
             h[f"{tag}_{m}"], h[f"{tag}_{m}_low"], h[f"{tag}_{m}_high"] = float(r.value), float(r.low), float(r.high)
         h[f"{tag}_drift_ratio"] = float(rows.drift_ratio.iloc[0])

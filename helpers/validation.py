@@ -8,7 +8,7 @@ compared with and how (STUDY.md §3–§4.3):
   features: last-layer estimates and retraining at the cost of a logistic regression), :func:`pool_images`;
 * **retraining trajectories** — :func:`helpers.retrain.warm_start` with ``record_every`` records every member's
   test loss during warm-start retraining (the paper's Fig. 5, and a sweep of retraining lengths from one run);
-* **agreement** — :func:`agreement` / :func:`agreement_table`: every metric of :mod:`helpers.metrics` with its
+* **agreement** — :func:`helpers.metrics.agreement_table`: every metric of :mod:`helpers.metrics` with its
   bootstrap interval, signed and absolute; :func:`noise_summary`: drift, seed noise and the reliability ceiling
   of a ground truth;
 * **single-point effects against n** — :func:`single_point_scaling`, :func:`loglog_slope`;
@@ -49,9 +49,6 @@ Rule = Literal["loss", "estimate", "random"]
 
 CANDIDATE_RULES: tuple[str, ...] = ("loss", "estimate", "random")
 TEST_RULES: tuple[str, ...] = ("max", "median", "random")
-#: the metrics :func:`agreement` reports, in table order
-AGREEMENT_METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall", "sign_agreement", "top_k_overlap",
-                                      "relative_error")
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -595,13 +592,13 @@ def side_by_side(problem: Problem, truths: dict[str, Any], removed: Sequence[int
     ``cold (S seeds)`` (seed mean), ``cold (1 seed)`` (seed 0 alone), ``warm all``, ``warm all − drift``,
     ``warm all @ e`` for e in ``lengths``, ``warm last``, ``PBRF`` — all against the exact-Hessian estimate
     (estimate ``H+δ``), and ``PBRF`` also against the Gauss-Newton one (``GN+δ``, its counterpart).
-    Columns: those of :func:`agreement_table`, :func:`noise_summary`'s ``ceiling, ceiling_single, drift,
+    Columns: those of :func:`helpers.metrics.agreement_table`, :func:`noise_summary`'s ``ceiling, ceiling_single, drift,
     drift_ratio, median_abs_delta`` (on the same candidates), and ``model``.
     """
     pieces = _side_by_side_pieces(problem, truths, removed, t, lengths)
     frames = []
     for en, gn, p, tv, extra in pieces:
-        tab = agreement_table({en: p}, {gn: tv}, k=k, n_resamples=n_resamples, seed=seed)
+        tab = metrics.agreement_table({en: p}, {gn: tv}, k=k, n_resamples=n_resamples, seed=seed)
         for c in ("ceiling", "ceiling_single", "drift", "drift_ratio", "median_abs_delta"):
             tab[c] = extra[c]
         frames.append(tab)
@@ -754,7 +751,7 @@ def selection_grid(problem: Problem, delta: np.ndarray, pool: Sequence[int], k: 
             cand = select_candidates(rule, k, estimate=problem.estimate[t], train_loss=problem.train_loss,
                                      n=problem.n_train, seed=seed)
             cols = columns_of(pool, cand)
-            tab = agreement_table({"H+δ": problem.estimate[t, cand]}, {rule: delta[t, cols]}, k=top_k,
+            tab = metrics.agreement_table({"H+δ": problem.estimate[t, cand]}, {rule: delta[t, cols]}, k=top_k,
                                   n_resamples=n_resamples, seed=seed)
             tab = tab.rename(columns={"ground_truth": "candidates"}).drop(columns="estimate")
             tab.insert(0, "test_point", tname)
@@ -768,50 +765,6 @@ def selection_grid(problem: Problem, delta: np.ndarray, pool: Sequence[int], k: 
 
 
 # ----------------------------------------------------------------------------------------- agreement
-
-
-def agreement(pred: Any, true: Any, *, k: int | None = None, n_resamples: int = 1000, seed: int = 0
-              ) -> dict[str, float]:
-    """Every metric of estimate against ground truth, with paired bootstrap intervals, in one flat dict.
-
-    :func:`helpers.metrics.summarize` (Pearson, Spearman, Kendall, sign agreement, top-k overlap, relative error
-    with ``_low`` / ``_high``) plus ``abs_pearson`` / ``abs_spearman`` (what a paper reporting |ρ| would show)
-    and ``scale_ratio`` = median |pred| / median |true| (1 when the values agree in size; the paper's Fig. 4).
-
-    Args:
-        pred, true: ``[n]`` predicted and actual changes of one test loss over the same candidates.
-        k: top-k size (default n // 10, at least 1).
-    """
-    out = metrics.summarize(pred, true, k=k, n_resamples=n_resamples, seed=seed)
-    p, t = np.asarray(pred, dtype=float), np.asarray(true, dtype=float)
-    out["abs_pearson"], out["abs_spearman"] = abs(out["pearson"]), abs(out["spearman"])
-    mt = float(np.median(np.abs(t)))
-    out["scale_ratio"] = float(np.median(np.abs(p)) / mt) if mt > 0 else float("inf")
-    return out
-
-
-def agreement_table(pred: dict[str, Any], truths: dict[str, Any], *, k: int | None = None,
-                    n_resamples: int = 1000, seed: int = 0,
-                    extra: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
-    """Long-form table of :func:`agreement` for every (estimate, ground truth) pair.
-
-    Args:
-        pred: ``{estimate name: [n] values}``; truths: ``{ground-truth name: [n] values}`` over the same points.
-        extra: per ground truth, columns to attach to its rows (e.g. ``{"cold": {"ceiling": 0.4}}``).
-
-    Returns:
-        Rows ``estimate, ground_truth, metric, value, low, high`` (+ the ``extra`` columns), one per metric of
-        :data:`AGREEMENT_METRICS` (``low`` / ``high`` = the 95 % bootstrap interval).
-    """
-    rows = []
-    for en, p in pred.items():
-        for gn, t in truths.items():
-            a = agreement(p, t, k=k, n_resamples=n_resamples, seed=seed)
-            for m in AGREEMENT_METRICS:
-                rows.append({"estimate": en, "ground_truth": gn, "metric": m, "value": a[m],
-                             "low": a[f"{m}_low"], "high": a[f"{m}_high"], "n": int(a["n"])}
-                            | dict((extra or {}).get(gn, {})))
-    return pd.DataFrame(rows)
 
 
 def noise_summary(gt: GroundTruth, t: int = 0) -> dict[str, float]:

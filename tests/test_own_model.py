@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import build, data
+from helpers import build, data, metrics
 from helpers import own_model as O
 from helpers import validation as V
 from helpers.train import Recipe
@@ -326,7 +326,7 @@ def test_chapter_runs_on_a_factory_defined_in_this_file(tmp_path: Path, monkeypa
     numbers = {k: v for k, v in r.items() if k != "_meta"}
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values()), numbers
     for tag in O.TRUTH_TAGS.values():
-        for m in V.AGREEMENT_METRICS:
+        for m in metrics.AGREEMENT_METRICS:
             v, lo, hi = (r[f"{tag}_{m}{s}"] for s in ("", "_low", "_high"))
             assert lo <= hi, (tag, m, lo, hi)
             if m in ("pearson", "spearman", "kendall"):
@@ -348,7 +348,7 @@ def test_chapter_runs_on_a_factory_defined_in_this_file(tmp_path: Path, monkeypa
     agreement = pd.read_csv(out / "data" / "own_model" / "agreement.csv")
     truths = set(agreement.ground_truth)
     assert {"cold (2 seeds)", "cold (1 seed)", "warm all", "warm all − drift", "warm last", "PBRF"} <= truths
-    assert set(agreement.metric) == set(V.AGREEMENT_METRICS)
+    assert set(agreement.metric) == set(metrics.AGREEMENT_METRICS)
     assert np.isfinite(agreement[["value", "low", "high", "ceiling", "drift_ratio"]].to_numpy()).all()
     assert (agreement.low <= agreement.high).all()
     assert set(agreement[agreement.ground_truth == "PBRF"].estimate) == {"H+δ", "GN+δ"}

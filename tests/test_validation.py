@@ -144,12 +144,12 @@ def test_agreement_wraps_summarize_and_adds_abs_and_scale():
     rng = np.random.default_rng(0)
     true = rng.normal(size=25)
     pred = -0.5 * true + 0.1 * rng.normal(size=25)
-    a = V.agreement(pred, true, n_resamples=200)
+    a = metrics.agreement(pred, true, n_resamples=200)
     assert a["pearson"] == pytest.approx(metrics.pearson(pred, true))
     assert a["pearson"] < -0.9 and a["abs_pearson"] == pytest.approx(-a["pearson"])
     assert a["scale_ratio"] == pytest.approx(np.median(np.abs(pred)) / np.median(np.abs(true)))
-    tab = V.agreement_table({"est": pred}, {"gt": true}, n_resamples=200, extra={"gt": {"ceiling": 0.5}})
-    assert set(tab.metric) == set(V.AGREEMENT_METRICS) and (tab.ceiling == 0.5).all()
+    tab = metrics.agreement_table({"est": pred}, {"gt": true}, n_resamples=200, extra={"gt": {"ceiling": 0.5}})
+    assert set(tab.metric) == set(metrics.AGREEMENT_METRICS) and (tab.ceiling == 0.5).all()
     assert (tab.low <= tab.high).all()
 
 
