@@ -83,8 +83,27 @@ _TORCHVISION: dict[str, tuple[str, str]] = {
 }
 
 
+class TrainTest:
+    """``train`` and ``test`` as ``(x, y)`` pairs, for a class with ``x_train, y_train, x_test, y_test``."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    @property
+    def train(self) -> tuple[Tensor, Tensor]:
+        """``(x_train, y_train)``."""
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> tuple[Tensor, Tensor]:
+        """``(x_test, y_test)``."""
+        return self.x_test, self.y_test
+
+
 @dataclass(frozen=True, eq=False, repr=False)
-class Split:
+class Split(TrainTest):
     """A dataset split into a training and a test part.
 
     Attributes:
@@ -110,16 +129,6 @@ class Split:
     feature_shape: tuple[int, ...]
     mean: Tensor | None = None
     std: Tensor | None = None
-
-    @property
-    def train(self) -> tuple[Tensor, Tensor]:
-        """``(x_train, y_train)``."""
-        return self.x_train, self.y_train
-
-    @property
-    def test(self) -> tuple[Tensor, Tensor]:
-        """``(x_test, y_test)``."""
-        return self.x_test, self.y_test
 
     @property
     def n_train(self) -> int:

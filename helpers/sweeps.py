@@ -110,7 +110,7 @@ REGIMES: dict[str, Regime] = {
 
 
 @dataclass(frozen=True, eq=False)
-class IrisData:
+class IrisData(data_mod.TrainTest):
     """The paper's Iris split: one test point, the other 149 standardised on themselves (StandardScaler).
 
     ``x_train [149, 4]``, ``y_train [149]``, ``x_test [1, 4]``, ``y_test [1]``; ``idx_train`` the dataset index of
@@ -123,14 +123,6 @@ class IrisData:
     y_test: Tensor
     idx_train: Tensor
     test_index: int
-
-    @property
-    def train(self) -> tuple[Tensor, Tensor]:
-        return self.x_train, self.y_train
-
-    @property
-    def test(self) -> tuple[Tensor, Tensor]:
-        return self.x_test, self.y_test
 
 
 def _iris_raw() -> tuple[Tensor, Tensor]:
