@@ -130,7 +130,6 @@ class Trajectory:
                            settings=dict(self.settings, recorded_epoch=int(epoch)))
 
 
-
 # ------------------------------------------------------------------------------------------- caching
 
 
@@ -256,6 +255,7 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
     test = _as_data(test, "test")
     r = _check_removed(removed, x.shape[0])
     theta = _theta(model, theta_hat)
+    marks = _record_marks(recipe, record_every, record_epochs)  # refuses a recipe it cannot record, first
     closed = (recipe.optimizer == "newton" and recipe.dtype == "float64"
               and is_softmax_regression(model, params, recipe.loss))
     if backend not in BACKENDS:
@@ -272,7 +272,6 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
     if factor is not None:
         raise TypeError("factor= serves only the closed-form backend (a Newton float64 recipe on a bias-free "
                         "LogisticRegression): drop it for this model or recipe")
-    marks = _record_marks(recipe, record_every, record_epochs)
     key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test),
            "removed": r, "recipe": recipe.to_dict(), "params": params, "loo": loo, "keep_params": keep_params}
     if marks is not None:
