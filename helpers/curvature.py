@@ -356,7 +356,7 @@ class CurvatureOperator:
 
     def _cast_copy(self, dtype: torch.dtype) -> "CurvatureOperator":
         """Fallback of :meth:`astype` for subclasses whose product is a method reading tensors from attributes
-        (e.g. :class:`helpers.convex.SoftmaxRegressionOperator`): a shallow copy with every floating tensor
+        (e.g. :class:`helpers.closed_form.SoftmaxRegressionOperator`): a shallow copy with every floating tensor
         attribute cast and the product re-bound to the copy — then checked on one probe vector, so that a product
         that keeps tensors elsewhere (a closure) is refused instead of silently computing in the old dtype."""
         bound = getattr(self._apply, "__self__", None) is self

@@ -12,7 +12,7 @@ Hessian moves the parameters by Δθ_i = w_i (H + δI)⁻¹ ∇ℓ(z_i, θ̂) (:
 then changes by ∇ℓ(z_test, θ̂)ᵀ Δθ_i.
 
 Backends. :func:`predict_removal` is one interface; for a bias-free :class:`helpers.models.LogisticRegression`
-(the convex case) it runs the closed forms of :mod:`helpers.convex` (:func:`helpers.convex.removal_estimate`:
+(the convex case) it runs the closed forms of :mod:`helpers.closed_form` (:func:`helpers.closed_form.removal_estimate`:
 assembled Hessian blocks, no autodiff, no ``[n_train, d]`` gradients) — the same numbers to round-off, at a
 fraction of the cost — and autodiff Hessian-vector products for every other model.
 """
@@ -257,10 +257,10 @@ def predict_removal(
         cache: memoize the result on disk (:func:`helpers.cache.memoize`) under the model (architecture and
             values), the data and every option.
         backend: ``"auto"``: a bias-free :class:`~helpers.models.LogisticRegression` with cross-entropy, all of its
-            weights and a numeric damping runs :func:`helpers.convex.removal_estimate` (closed forms; its
+            weights and a numeric damping runs :func:`helpers.closed_form.removal_estimate` (closed forms; its
             Gauss–Newton matrix is its Hessian, the model being linear), every other case autodiff;
             ``"autodiff"`` / ``"closed_form"`` insist (the tests compare the two).
-        solver_options: also ``factor=`` (a :class:`helpers.convex.HessianFactor`) for the closed-form backend.
+        solver_options: also ``factor=`` (a :class:`helpers.closed_form.HessianFactor`) for the closed-form backend.
 
     Cost: n_test per-sample gradients, one solve with only n_test right-hand sides (H is symmetric, so
     g_testᵀ H⁻¹ g_i = (H⁻¹ g_test)ᵀ g_i: solving for the few test gradients instead of the many training
@@ -280,10 +280,10 @@ def predict_removal(
         return memoize("predict_removal", key, lambda: predict_removal(model, train, test, **options))
     closed = is_softmax_regression(model, params, loss) and not isinstance(damping, str)
     if backend == "closed_form" and not closed:
-        raise ValueError("backend='closed_form' needs a bias-free LogisticRegression (helpers.convex.model_at), "
+        raise ValueError("backend='closed_form' needs a bias-free LogisticRegression (helpers.closed_form.model_at), "
                          "loss='cross_entropy', all of its parameters and a numeric damping: use backend='auto'")
     if closed and backend != "autodiff":
-        from helpers.convex import removal_estimate  # the backend imports this module: load it on demand
+        from helpers.closed_form import removal_estimate  # the backend imports this module: load it on demand
 
         est = removal_estimate(train[0].flatten(1), train[1], test[0].flatten(1), test[1],
                                model.linear.weight.detach(), l2=l2, weights=weights, damping=float(damping),

@@ -99,7 +99,7 @@ class LogisticRegression(nn.Module):
 
 
 def is_softmax_regression(model: nn.Module, params: str | list[str] = "all", loss: str = "cross_entropy") -> bool:
-    """Whether the closed forms of :mod:`helpers.convex` compute exactly what the engine would by autodiff: a
+    """Whether the closed forms of :mod:`helpers.closed_form` compute exactly what the engine would by autodiff: a
     bias-free :class:`LogisticRegression` with cross-entropy, all of its weights in play. The engine's
     functions (:func:`helpers.train.fit_to_tolerance`, :func:`helpers.influence.predict_removal`,
     :func:`helpers.retrain.warm_start`) then run that backend."""

@@ -235,11 +235,11 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
         keep_params: also return the members' parameters.
         backend: ``"auto"``: a Newton recipe (``optimizer="newton"``, float64) on a bias-free
             :class:`~helpers.models.LogisticRegression` with cross-entropy and all of its weights runs the
-            closed-form chord method of :func:`helpers.convex.leave_one_out` (every member to ‖∇R_j‖ <
+            closed-form chord method of :func:`helpers.closed_form.leave_one_out` (every member to ‖∇R_j‖ <
             ``recipe.tol`` within ``recipe.max_iter`` steps, the protocol ``"convex_chord"``, with its
             ``settings``: iterations, Newton fallbacks, the one-step Newton estimate); every other case the batched
             ensemble of :func:`helpers.train.fit_ensemble`. ``"autodiff"`` / ``"closed_form"`` insist.
-        factor: closed-form backend only: a :class:`helpers.convex.HessianFactor` at (or near) θ̂ to reuse.
+        factor: closed-form backend only: a :class:`helpers.closed_form.HessianFactor` at (or near) θ̂ to reuse.
         record_every / record_epochs: also record every member's test losses every so many epochs, or after the
             listed epochs (0 and the last always), as ``GroundTruth.trajectory`` (:class:`Trajectory`) — a whole
             sweep of retraining lengths from one run (the paper's Fig. 5). Adam or SGD with a constant learning
@@ -264,7 +264,7 @@ def warm_start(model: nn.Module, theta_hat: Params | None, train: Data, test: Da
         raise ValueError("backend='closed_form' needs a Newton float64 recipe and a bias-free LogisticRegression "
                          "with cross-entropy, all of its parameters retrained: use backend='auto'")
     if closed and backend != "autodiff":
-        from helpers.convex import leave_one_out  # the backend imports this module: load it on demand
+        from helpers.closed_form import leave_one_out  # the backend imports this module: load it on demand
 
         return leave_one_out(x.flatten(1), y, (test[0].flatten(1), test[1]), theta["linear.weight"], r,
                              l2=recipe.weight_decay, tol=recipe.tol, loo=loo, factor=factor,

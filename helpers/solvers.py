@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ __all__ = [
     "auto_damping",
     "dense_bytes",
     "dense_fits",
+    "lissa_path",
     "relative_residual",
     "solve",
 ]
@@ -304,7 +305,7 @@ def _cg(
 
     ``stall`` > 1 gives up early (``info["stalled"]``) once a step shrinks the largest relative residual of the
     running columns by less than that factor — for a preconditioner that may be poor, whose caller then continues
-    otherwise (:func:`helpers.convex.solve_exact`). ``progress``: a bar over the iterations (:mod:`helpers.progress`).
+    otherwise (:func:`helpers.closed_form.solve_exact`). ``progress``: a bar over the iterations (:mod:`helpers.progress`).
     """
     if not rtol >= 0:
         raise ValueError(f"rtol must be >= 0, got {rtol}")
@@ -847,3 +848,64 @@ def solve(
         damping=damping,
         info=info,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LiSSA at many depths from one run
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RecordingOperator(CurvatureOperator):
+    """Wraps an operator and keeps a copy of the block of vectors it is applied to at chosen calls of matmat."""
+
+    def __init__(self, inner: CurvatureOperator, record_calls: set[int]) -> None:
+        like = {n: torch.empty(s, dtype=inner.dtype, device=inner.device) for n, s in zip(inner.names, inner.shapes)}
+        super().__init__(inner.matvec, like, kind=inner.kind)
+        self._inner = inner
+        self._record_calls = record_calls
+        self.calls = 0
+        self.recorded: dict[int, Tensor] = {}
+
+    def matmat(self, V: Tensor, chunk_size: int | None = None) -> Tensor:
+        self.calls += 1
+        if self.calls in self._record_calls:
+            self.recorded[self.calls] = V.clone()
+        self.applications += V.shape[1]
+        return self._inner.matmat(V, chunk_size)
+
+
+def lissa_path(op: CurvatureOperator, B: Tensor, depths: Sequence[int], *, scale: float | None = None,
+               damping: float = 0.0) -> dict[int, SolveResult]:
+    """Deterministic (full-batch) LiSSA of :func:`helpers.solvers.solve` at several depths, from one run.
+
+    The recursion h_j = B + h_{j−1} − (H h_{j−1} + δ h_{j−1})/s gives x_D = h_D / s at depth D, and h_D is the
+    block the (D+1)-th product is applied to — so one run of the largest depth, with its products recorded, yields
+    every smaller depth exactly (the same numbers as separate ``solve(..., method="lissa", depth=D)`` calls, at
+    the cost of the largest alone).
+
+    Args:
+        op: the curvature operator; B: ``[d]`` or ``[d, k]``; depths: positive ints.
+        scale: s (default λ_max(H + δI) by Lanczos, as ``solve`` does); damping: δ.
+
+    Returns:
+        ``{depth: SolveResult}`` with ``method="lissa"``, ``iterations = depth``, ``info["hvps"] = depth · k``,
+        ``info["scale"]``, and the true relative residual (one extra product per depth).
+    """
+    depths = sorted({int(D) for D in depths})
+    if not depths or depths[0] < 1:
+        raise ValueError(f"depths must be positive integers, got {depths}")
+    vector = B.dim() == 1
+    B2 = B[:, None] if vector else B
+    if scale is None:
+        scale = float(extreme_eigenvalues(op, 1, "LA", method="dense" if op.dim <= 2 else "lanczos")[0]) + damping
+    top = depths[-1]
+    recorder = _RecordingOperator(op, {D + 1 for D in depths[:-1]})
+    last = solve(recorder, B2, method="lissa", depth=top, scale=scale, damping=damping)
+    out: dict[int, SolveResult] = {}
+    for D in depths:
+        X = last.x if D == top else recorder.recorded[D + 1] / scale
+        rel = relative_residual(op, X, B2, damping)
+        out[D] = SolveResult(x=X[:, 0] if vector else X, relative_residual=rel[0] if vector else rel,
+                             method="lissa", iterations=D, damping=float(damping),
+                             info={"hvps": D * B2.shape[1], "scale": float(scale)})
+    return out

@@ -23,7 +23,7 @@ Hessian — d Hessian-vector products, d² floats of memory — and one O(d³) C
 
 :func:`fit_to_tolerance` trains one model to ‖∇R‖ < tol without ever forming H: scipy's L-BFGS, then Newton–CG
 with Hessian-vector products, recording where the gradient norm first fell below given thresholds (early
-stopping). It is what the convex chapter uses, with the closed-form backend of :mod:`helpers.convex` for
+stopping). It is what the convex chapter uses, with the closed-form backend of :mod:`helpers.closed_form` for
 softmax regression (d = 7,840 on MNIST in seconds) and autodiff for any other model.
 """
 
@@ -1157,8 +1157,8 @@ def fit_to_tolerance(model: nn.Module, x: Tensor, y: Tensor, *, l2: float, tol: 
     to a stationary point near the start, or stops with an error naming where no decrease was found.
 
     Backends (``backend="auto"``): a bias-free :class:`helpers.models.LogisticRegression` with cross-entropy and
-    all of its weights runs the closed forms of :mod:`helpers.convex` (objective, gradient and Hessian products
-    without autodiff: :func:`helpers.convex.objective_parts`); every other model autodiff
+    all of its weights runs the closed forms of :mod:`helpers.closed_form` (objective, gradient and Hessian products
+    without autodiff: :func:`helpers.closed_form.objective_parts`); every other model autodiff
     (:func:`helpers.objective.objective`, :func:`helpers.curvature.hessian_operator`). ``"autodiff"`` /
     ``"closed_form"`` insist.
 
@@ -1218,7 +1218,7 @@ def _tolerance_problem(backend: str, model: nn.Module, x: Tensor, y: Tensor, wei
                        start: dict[str, Tensor], loss: str):
     """(θ₀, evaluate(θ) -> (R, ∇R, ‖∇R‖), operator(θ) -> H(θ), to_params(θ) -> dict) for one backend."""
     if backend == "closed_form":
-        from helpers.convex import objective_parts
+        from helpers.closed_form import objective_parts
 
         (name, w0), = start.items()
         evaluate, operator = objective_parts(x.flatten(1), y, n_classes=w0.shape[0], weights=weights, l2=l2)

@@ -1,4 +1,4 @@
-"""helpers.convex against the generic autodiff modules, on small float64 problems."""
+"""helpers.closed_form against the generic autodiff modules, on small float64 problems."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import cache, convex, influence, models, retrain, train
+from helpers import cache, closed_form, influence, models, retrain, solvers, train
+from helpers.experiments import convex
 from helpers.curvature import hessian_operator
 from helpers.objective import model_params, objective, removal_weights
 from helpers.solvers import solve
@@ -35,7 +36,7 @@ def _model(theta: torch.Tensor) -> torch.nn.Module:
 def _fit(x, y, **options):
     """Softmax regression from W = 0 by the engine's tolerance fit (its closed-form backend)."""
     zeros = torch.zeros(int(y.max()) + 1, x.shape[1], dtype=x.dtype)
-    return train.fit_to_tolerance(convex.model_at(zeros), x, y, **options)
+    return train.fit_to_tolerance(closed_form.model_at(zeros), x, y, **options)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_hessian_equals_autodiff_dense():
     x, y, theta = _problem()
     w = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for weights in (None, w):
-        H = convex.softmax_regression_hessian(x, theta, weights=weights, l2=L2)
+        H = closed_form.softmax_regression_hessian(x, theta, weights=weights, l2=L2)
         model = _model(theta)
         ref = hessian_operator(model, model_params(model), x, y, weights=weights, l2=L2).dense()
         assert torch.linalg.norm(H - ref) <= 1e-12 * torch.linalg.norm(ref)
@@ -59,8 +60,8 @@ def test_hessian_equals_autodiff_dense():
 
 def test_operator_products_and_dense():
     x, y, theta = _problem()
-    op = convex.softmax_regression_operator(x, theta, l2=L2)
-    H = convex.softmax_regression_hessian(x, theta, l2=L2)
+    op = closed_form.softmax_regression_operator(x, theta, l2=L2)
+    H = closed_form.softmax_regression_hessian(x, theta, l2=L2)
     V = torch.randn(op.dim, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(op.matmat(V), H @ V, rtol=0, atol=1e-13)
     assert torch.allclose(op.matvec(V[:, 0]), H @ V[:, 0], rtol=0, atol=1e-13)
@@ -72,17 +73,17 @@ def test_gradients_and_objective_match_autodiff():
     x, y, theta = _problem()
     model = _model(theta)
     ref = influence.per_sample_grads(model, model_params(model), x, y)
-    assert torch.allclose(convex.loss_grads(x, y, theta), ref, rtol=0, atol=1e-14)
+    assert torch.allclose(closed_form.loss_grads(x, y, theta), ref, rtol=0, atol=1e-14)
     w = removal_weights(x.shape[0], [3, -1])
     thetas = torch.stack([theta, 2 * theta])
-    values, grads = convex.objective_and_grad(x, y, thetas, weights=w, l2=L2)
+    values, grads = closed_form.objective_and_grad(x, y, thetas, weights=w, l2=L2)
     for j in range(2):
         p = {"linear.weight": thetas[j].clone().requires_grad_(True)}
         r = objective(model, p, x, y, weights=w[j], l2=L2)
         (g,) = torch.autograd.grad(r, p["linear.weight"])
         assert torch.allclose(values[j], r.detach(), rtol=1e-14, atol=0)
         assert torch.allclose(grads[j], g, rtol=0, atol=1e-14)
-    losses = convex.losses(x, y, thetas)
+    losses = closed_form.losses(x, y, thetas)
     assert losses.shape == (2, x.shape[0])
     assert torch.allclose(losses[0], torch.nn.functional.cross_entropy(x @ theta.T, y, reduction="none"))
 
@@ -90,7 +91,7 @@ def test_gradients_and_objective_match_autodiff():
 def test_fit_reaches_tolerance_and_matches_newton(fitted):
     x, y, _, _, f = fitted
     assert f.converged and f.grad_norm < 1e-12
-    _, g = convex.objective_and_grad(x, y, f.theta, l2=L2)
+    _, g = closed_form.objective_and_grad(x, y, f.theta, l2=L2)
     assert float(g.norm()) < 1e-12
     model = models.build("logreg", d_in=x.shape[1], n_classes=3, seed=0, dtype=torch.float64)
     with torch.no_grad():
@@ -102,7 +103,7 @@ def test_fit_reaches_tolerance_and_matches_newton(fitted):
     assert sorted(f.snapshots, reverse=True) == [1e-1, 1e-3, 1e-6]
     for tau, (theta, gn, _, _) in f.snapshots.items():
         assert gn < tau
-        _, g = convex.objective_and_grad(x, y, theta, l2=L2)
+        _, g = closed_form.objective_and_grad(x, y, theta, l2=L2)
         assert abs(float(g.norm()) - gn) <= 1e-12 * max(gn, 1.0)
 
 
@@ -123,29 +124,29 @@ def test_fit_that_cannot_reach_tol_raises():
 
 def test_factor_solves_exactly_and_refactors(monkeypatch):
     x, y, theta = _problem()
-    H = convex.softmax_regression_hessian(x, theta, l2=L2)
+    H = closed_form.softmax_regression_hessian(x, theta, l2=L2)
     B = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    fac = convex.factorize(x, theta, l2=L2, keep_block=True)
+    fac = closed_form.factorize(x, theta, l2=L2, keep_block=True)
     ref = torch.linalg.solve(H, B)
     assert torch.allclose(fac.apply_inverse(B), ref, rtol=0, atol=1e-12)
-    direct = convex.solve_exact(x, theta, B, l2=L2, factor=fac)
+    direct = closed_form.solve_exact(x, theta, B, l2=L2, factor=fac)
     assert direct.method == "exact" and direct.max_relative_residual < 1e-13
     # same point, L2 left out and damping instead: refactored from the kept block, still direct
-    shifted = convex.solve_exact(x, theta, B, l2=0.0, damping=1e-3, factor=fac)
-    H0 = convex.softmax_regression_hessian(x, theta, l2=0.0) + 1e-3 * torch.eye(H.shape[0], dtype=torch.float64)
+    shifted = closed_form.solve_exact(x, theta, B, l2=0.0, damping=1e-3, factor=fac)
+    H0 = closed_form.softmax_regression_hessian(x, theta, l2=0.0) + 1e-3 * torch.eye(H.shape[0], dtype=torch.float64)
     assert shifted.method == "exact"
     assert torch.allclose(shifted.x, torch.linalg.solve(H0, B), rtol=1e-10, atol=1e-10)
     # another point: preconditioned CG with the old factor, to round-off
     theta2 = theta + 0.05
-    pcg = convex.solve_exact(x, theta2, B, l2=L2, factor=fac)
-    H2 = convex.softmax_regression_hessian(x, theta2, l2=L2)
+    pcg = closed_form.solve_exact(x, theta2, B, l2=L2, factor=fac)
+    H2 = closed_form.softmax_regression_hessian(x, theta2, l2=L2)
     assert pcg.method == "pcg" and pcg.max_relative_residual < 1e-11
     assert torch.allclose(pcg.x, torch.linalg.solve(H2, B), rtol=0, atol=1e-10)
     # a far point: PCG gives up after its few steps (one here) and plain CG finishes, to the same tolerance
-    monkeypatch.setattr(convex, "PCG_STEPS", 1)
+    monkeypatch.setattr(closed_form, "PCG_STEPS", 1)
     theta3 = 3.0 * theta
-    far = convex.solve_exact(x, theta3, B, l2=L2, factor=fac)
-    H3 = convex.softmax_regression_hessian(x, theta3, l2=L2)
+    far = closed_form.solve_exact(x, theta3, B, l2=L2, factor=fac)
+    H3 = closed_form.softmax_regression_hessian(x, theta3, l2=L2)
     assert far.method == "pcg+cg" and far.max_relative_residual < 1e-11
     assert torch.allclose(far.x, torch.linalg.solve(H3, B), rtol=0, atol=1e-9)
 
@@ -153,19 +154,19 @@ def test_factor_solves_exactly_and_refactors(monkeypatch):
 def test_singular_hessian_is_refused_with_a_fix():
     x, y, theta = _problem()
     with pytest.raises(ValueError, match="add damping"):
-        convex.factorize(x, theta, l2=0.0)
+        closed_form.factorize(x, theta, l2=0.0)
 
 
 def test_bad_inputs_raise_clear_errors():
     x, y, theta = _problem()
     with pytest.raises(TypeError, match="float64"):
-        convex.softmax_regression_hessian(x.float(), theta, l2=L2)
+        closed_form.softmax_regression_hessian(x.float(), theta, l2=L2)
     with pytest.raises(ValueError, match=r"\[n_classes, d\]"):
-        convex.softmax_regression_hessian(x, theta[:, :3], l2=L2)
+        closed_form.softmax_regression_hessian(x, theta[:, :3], l2=L2)
     with pytest.raises(ValueError, match="labels must lie"):
-        convex.objective_and_grad(x, y + 5, theta, l2=L2)
+        closed_form.objective_and_grad(x, y + 5, theta, l2=L2)
     with pytest.raises(ValueError, match="outside the training set"):
-        convex.leave_one_out(x, y, (x[:2], y[:2]), theta, [x.shape[0]], l2=L2, cache=False)
+        closed_form.leave_one_out(x, y, (x[:2], y[:2]), theta, [x.shape[0]], l2=L2, cache=False)
 
 
 @pytest.mark.parametrize("options", [
@@ -177,7 +178,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_predict_removal_matches_generic_influence(fitted, options):
     x, y, xt, yt, f = fitted
     model = _model(f.theta)
-    ours = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, **options)
+    ours = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2, **options)
     ref = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, backend="autodiff", **options)
     assert ours.values.shape == (xt.shape[0], x.shape[0])
     assert torch.allclose(ours.values, ref.values, rtol=0, atol=1e-12 * float(ref.values.abs().max()))
@@ -189,7 +190,7 @@ def test_leave_one_out_matches_warm_start_newton(fitted, loo):
     x, y, xt, yt, f = fitted
     model = _model(f.theta)
     removed = [0, 5, 17, 33, 59]
-    ours = convex.leave_one_out(x, y, (xt, yt), f.theta, removed, l2=L2, tol=1e-12, loo=loo, keep_params=True,
+    ours = closed_form.leave_one_out(x, y, (xt, yt), f.theta, removed, l2=L2, tol=1e-12, loo=loo, keep_params=True,
                                 cache=False)
     recipe = train.Recipe(optimizer="newton", weight_decay=L2, tol=1e-12, max_iter=100)
     ref = retrain.warm_start(model, {"linear.weight": f.theta}, (x, y), (xt, yt), removed, recipe, loo=loo,
@@ -200,10 +201,10 @@ def test_leave_one_out_matches_warm_start_newton(fitted, loo):
     assert np.abs(ours.drift).max() < 1e-14  # θ̂ already meets the tolerance: nothing removed, nothing moves
     # every member is a minimiser of its own leave-one-out objective
     w = removal_weights(x.shape[0], removed + [-1], loo)
-    _, g = convex.objective_and_grad(x, y, ours.params["linear.weight"], weights=w, l2=L2)
+    _, g = closed_form.objective_and_grad(x, y, ours.params["linear.weight"], weights=w, l2=L2)
     assert float(g.flatten(1).norm(dim=1).max()) < 1e-12
     # the first chord step is a one-step Newton estimate: much closer to the truth than the influence estimate
-    pred = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2).values[:, removed].numpy()
+    pred = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2).values[:, removed].numpy()
     one = ours.settings["one_step_delta"]
     assert np.linalg.norm(one - ours.delta) < np.linalg.norm(pred - ours.delta)
 
@@ -212,16 +213,16 @@ def test_leave_one_out_is_cached(tmp_path, monkeypatch, fitted):
     monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("BOOK_CACHE", raising=False)
     x, y, xt, yt, f = fitted
-    a = convex.leave_one_out(x, y, (xt, yt), f.theta, [1, 2], l2=L2)
-    b = convex.leave_one_out(x, y, (xt, yt), f.theta, [1, 2], l2=L2)
+    a = closed_form.leave_one_out(x, y, (xt, yt), f.theta, [1, 2], l2=L2)
+    b = closed_form.leave_one_out(x, y, (xt, yt), f.theta, [1, 2], l2=L2)
     np.testing.assert_array_equal(a.delta, b.delta)
     assert list((tmp_path / "convex_leave_one_out").glob("*.pt"))
 
 
 def test_solvers_run_on_the_closed_form_operator(fitted):
     x, y, xt, yt, f = fitted
-    op = convex.softmax_regression_operator(x, f.theta, l2=L2)
-    b = convex.loss_grads(xt, yt, f.theta).T.contiguous()
+    op = closed_form.softmax_regression_operator(x, f.theta, l2=L2)
+    b = closed_form.loss_grads(xt, yt, f.theta).T.contiguous()
     exact = solve(op, b, method="exact")
     for method, opts in (("lissa", {"depth": 3000}), ("arnoldi", {"rank": op.dim})):
         res = solve(op, b, method=method, **opts)
@@ -230,9 +231,9 @@ def test_solvers_run_on_the_closed_form_operator(fitted):
 
 def test_lissa_path_equals_separate_runs(fitted):
     x, y, xt, yt, f = fitted
-    op = convex.softmax_regression_operator(x, f.theta, l2=L2)
-    b = convex.loss_grads(xt, yt, f.theta).T.contiguous()
-    path = convex.lissa_path(op, b, [3, 10, 25], scale=2.0, damping=0.01)
+    op = closed_form.softmax_regression_operator(x, f.theta, l2=L2)
+    b = closed_form.loss_grads(xt, yt, f.theta).T.contiguous()
+    path = solvers.lissa_path(op, b, [3, 10, 25], scale=2.0, damping=0.01)
     for depth, res in path.items():
         ref = solve(op, b, method="lissa", depth=depth, scale=2.0, damping=0.01)
         assert torch.equal(res.x, ref.x), depth
@@ -241,13 +242,13 @@ def test_lissa_path_equals_separate_runs(fitted):
 
 
 def test_engine_runs_the_closed_form_backend_for_softmax_regression(fitted):
-    """influence.predict_removal on a bias-free LogisticRegression is convex.removal_estimate, bit for bit; a model
+    """influence.predict_removal on a bias-free LogisticRegression is closed_form.removal_estimate, bit for bit; a model
     with a bias, a parameter subset it does not cover, or damping="auto" takes the autodiff path."""
     x, y, xt, yt, f = fitted
-    model = convex.model_at(f.theta)
+    model = closed_form.model_at(f.theta)
     assert torch.equal(model.linear.weight, f.theta) and model.linear.bias is None
     engine = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.05, method="cg", rtol=1e-12)
-    backend = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, damping=0.05, method="cg", rtol=1e-12)
+    backend = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2, damping=0.05, method="cg", rtol=1e-12)
     assert torch.equal(engine.values, backend.values)
     autodiff = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.05, method="cg", rtol=1e-12,
                                          backend="autodiff")
@@ -262,15 +263,15 @@ def test_engine_runs_the_closed_form_backend_for_softmax_regression(fitted):
     with pytest.raises(ValueError, match="closed_form"):
         influence.predict_removal(with_bias, (x, y), (xt, yt), l2=L2, backend="closed_form")
     with pytest.raises(TypeError, match="factor"):
-        influence.predict_removal(with_bias, (x, y), (xt, yt), l2=L2, factor=convex.factorize(x, f.theta, l2=L2))
+        influence.predict_removal(with_bias, (x, y), (xt, yt), l2=L2, factor=closed_form.factorize(x, f.theta, l2=L2))
 
 
 def test_predict_removal_cache_ignores_the_factor(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path))
     x, y, xt, yt, f = fitted
-    model = convex.model_at(f.theta)
-    plain = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, damping=0.1)
-    factor = convex.factorize(x, f.theta, l2=L2, damping=0.1)
+    model = closed_form.model_at(f.theta)
+    plain = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2, damping=0.1)
+    factor = closed_form.factorize(x, f.theta, l2=L2, damping=0.1)
     first = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.1, factor=factor, cache=True)
     again = influence.predict_removal(model, (x, y), (xt, yt), l2=L2, damping=0.1, cache=True)
     assert torch.allclose(first.values, plain.values, rtol=1e-10, atol=1e-14)
@@ -285,15 +286,15 @@ def test_solver_budgets_are_the_solvers_runs_and_cached(fitted, tmp_path, monkey
     x, y, xt, yt, f = fitted
     kwargs = dict(l2=L2, cg_iterations=[1, 50], lissa_depths=[5, 20], lissa_scales=[0.0, 4.0], arnoldi_ranks=[3])
     lam_max, runs = convex.solver_budgets(x, y, f.theta, xt[:1], yt[:1], **kwargs)
-    dense = convex.softmax_regression_hessian(x, f.theta, l2=L2)
+    dense = closed_form.softmax_regression_hessian(x, f.theta, l2=L2)
     assert lam_max == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
     assert [(r.solver, r.knob) for r in runs] == [("cg", 1), ("cg", 50), ("lissa, s = λmax", 5), ("lissa, s = λmax", 20),
                                                    ("lissa, s = 4", 5), ("lissa, s = 4", 20), ("arnoldi", 3)]
-    g = convex.loss_grads(xt[:1], yt[:1], f.theta)[0]
+    g = closed_form.loss_grads(xt[:1], yt[:1], f.theta)[0]
     exact = torch.linalg.solve(dense, g)
     assert torch.allclose(runs[1].x, exact, rtol=1e-8, atol=1e-10)  # 50 CG steps on 18 unknowns: exact
     assert (runs[0].x - exact).norm() > 1e-3 * exact.norm()  # one step is not
-    ref = solve(convex.softmax_regression_operator(x, f.theta, l2=L2), g[:, None], method="lissa", depth=20,
+    ref = solve(closed_form.softmax_regression_operator(x, f.theta, l2=L2), g[:, None], method="lissa", depth=20,
                 scale=4.0)
     assert torch.equal(runs[5].x, ref.x[:, 0]) and runs[5].hvps == 20
     again = convex.solver_budgets(x, y, f.theta, xt[:1], yt[:1], **kwargs)
@@ -307,7 +308,7 @@ def test_verify_and_compare(fitted):
     x, y, xt, yt, f = fitted
     v = convex.verify(x, y, xt, yt, l2=L2, tol=1e-12, n_high=2, n_random=1, n_extremes=8, n_uniform=10,
                       cache=False)
-    losses = convex.losses(xt, yt, v.fit.theta).numpy()
+    losses = closed_form.losses(xt, yt, v.fit.theta).numpy()
     assert list(v.test_points[:2]) == list(np.argsort(-losses)[:2]) and len(set(v.test_points)) == 3
     assert v.extremes.shape == (3, 8) and v.uniform.shape == (10,)
     top = np.abs(v.predicted[np.arange(3)[:, None], v.extremes])
@@ -352,12 +353,12 @@ def test_fast_paths_of_the_benchmark_match_the_exact_answer(fitted):
     """The settings `make bench` times on P1: block CG with float32 refinement on the closed-form operator
     reaches the exact answer to its tolerance, and Arnoldi on a fixed Krylov space agrees with the autodiff path."""
     x, y, xt, yt, f = fitted
-    exact = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="exact")
-    fast = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="cg", rtol=1e-10, block=True,
+    exact = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="exact")
+    fast = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="cg", rtol=1e-10, block=True,
                                    low_precision=torch.float32)
     assert fast.solve.method == "cg+refine" and fast.solve.max_relative_residual <= 1e-10
     assert torch.allclose(fast.values, exact.values, rtol=0, atol=1e-8 * float(exact.values.abs().max()))
-    ours = convex.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="arnoldi", rank=5, krylov_dim=10)
+    ours = closed_form.removal_estimate(x, y, xt, yt, f.theta, l2=L2, method="arnoldi", rank=5, krylov_dim=10)
     ref = influence.predict_removal(_model(f.theta), (x, y), (xt, yt), l2=L2, method="arnoldi", rank=5,
                                     krylov_dim=10, backend="autodiff")
     assert ours.solve.iterations == ref.solve.iterations == 10

@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = textwrap.dedent("""
     import json, sys, torch
     import helpers
-    from helpers import cache, convex, influence, paper_data, train
+    from helpers import cache, closed_form, influence, paper_data, train
 
     torch.manual_seed(0)
     x = torch.randn(30, 3, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
-    model = convex.model_at(train.fit_to_tolerance(convex.model_at(torch.zeros(2, 3, dtype=torch.float64)), x, y,
+    model = closed_form.model_at(train.fit_to_tolerance(closed_form.model_at(torch.zeros(2, 3, dtype=torch.float64)), x, y,
                                                    l2=1e-2).theta)
     delta = influence.predict_removal(model, (x, y), (x[:2], y[:2]), l2=1e-2).values
     runs = paper_data.iris_runs()

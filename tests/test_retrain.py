@@ -235,21 +235,21 @@ def test_bad_removal_index_is_named(convex):
 
 
 def test_warm_start_newton_on_softmax_regression_runs_the_convex_chord_backend():
-    """A Newton warm start on a bias-free LogisticRegression is convex.leave_one_out (protocol "convex_chord");
+    """A Newton warm start on a bias-free LogisticRegression is closed_form.leave_one_out (protocol "convex_chord");
     the batched Newton ensemble (autodiff) reaches the same leave-one-out truths to the tolerance."""
-    from helpers import convex
+    from helpers import closed_form
     from helpers.train import Recipe, fit_to_tolerance
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(30, 4, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 3, (30,), generator=gen)
-    model = convex.model_at(torch.zeros(3, 4, dtype=torch.float64))
+    model = closed_form.model_at(torch.zeros(3, 4, dtype=torch.float64))
     theta = fit_to_tolerance(model, x, y, l2=0.05, tol=1e-12, cache=False).theta
-    fitted = convex.model_at(theta)
+    fitted = closed_form.model_at(theta)
     recipe = Recipe(optimizer="newton", tol=1e-11, max_iter=50, weight_decay=0.05)
     test = (x[:3] + 0.1, y[:3])
     closed = retrain.warm_start(fitted, None, (x, y), test, [0, 4, 7], recipe, cache=False)
-    direct = convex.leave_one_out(x, y, test, theta, [0, 4, 7], l2=0.05, tol=1e-11, max_iter=50, cache=False)
+    direct = closed_form.leave_one_out(x, y, test, theta, [0, 4, 7], l2=0.05, tol=1e-11, max_iter=50, cache=False)
     auto = retrain.warm_start(fitted, None, (x, y), test, [0, 4, 7], recipe, cache=False, backend="autodiff",
                               progress=False)
     assert closed.protocol == "convex_chord" and auto.protocol == "warm_start"
@@ -257,4 +257,4 @@ def test_warm_start_newton_on_softmax_regression_runs_the_convex_chord_backend()
     np.testing.assert_allclose(auto.delta, closed.delta, rtol=0, atol=1e-10)
     with pytest.raises(TypeError, match="factor"):
         retrain.warm_start(fitted, None, (x, y), test, [0], recipe.replace(optimizer="lbfgs"), cache=False,
-                           factor=convex.factorize(x, theta, l2=0.05))
+                           factor=closed_form.factorize(x, theta, l2=0.05))

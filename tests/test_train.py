@@ -249,12 +249,12 @@ def test_ensemble_in_member_chunks_equals_the_whole_ensemble(batch_size, monkeyp
 def test_fit_to_tolerance_backends_agree_and_autodiff_serves_any_model():
     """The closed-form backend (softmax regression) and autodiff reach the same θ̂; an MLP trained the same way
     meets the tolerance with the objective's own gradient, checked independently by torch.autograd."""
-    from helpers import convex, models
+    from helpers import closed_form, models
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 3, (40,), generator=gen)
-    zero = convex.model_at(torch.zeros(3, 5, dtype=torch.float64))
+    zero = closed_form.model_at(torch.zeros(3, 5, dtype=torch.float64))
     closed = train.fit_to_tolerance(zero, x, y, l2=0.1, tol=1e-11, snapshots=[1e-2], cache=False)
     auto = train.fit_to_tolerance(zero, x, y, l2=0.1, tol=1e-11, snapshots=[1e-2], cache=False, backend="autodiff")
     assert (closed.backend, auto.backend) == ("closed_form", "autodiff")

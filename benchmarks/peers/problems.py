@@ -2,7 +2,7 @@
 
 P1  ``mnist5k`` multinomial logistic regression, 784×10 weights, no bias, L2 λ = 0.01, no damping.
     θ̂: :func:`helpers.train.fit_to_tolerance` (L-BFGS, then Newton with the closed-form Hessian) to ‖∇R‖₂ < 1e-10.
-    Reference: :func:`helpers.convex.removal_estimate` with ``method="exact"`` — the closed-form float64 Hessian
+    Reference: :func:`helpers.closed_form.removal_estimate` with ``method="exact"`` — the closed-form float64 Hessian
     (L2 term included), Cholesky-factored (relative residual ~1e-15).
 P2  the same split, a 784-64-10 tanh MLP with biases (50,890 parameters), all-parameter influence with damping
     δ = 0.01 on top of an L2 term λ = 1e-3 (weak weight decay, so that θ̂ is a well-defined minimum).
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from helpers import convex, data, models, train
+from helpers import closed_form, data, models, train
 from helpers.influence import predict_removal
 from helpers.objective import model_params, per_sample_losses
 
@@ -52,7 +52,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "P1": {
         "dataset": "mnist5k", "split_seed": 0, "model": "logistic_regression", "d_in": 784, "n_classes": 10,
         "bias": False, "l2": 0.01, "damping": 0.0, "fit": "helpers.train.fit_to_tolerance(tol=1e-10)",
-        "reference": "helpers.convex.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
+        "reference": "helpers.closed_form.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
     },
     "P2": {
         "dataset": "mnist5k", "split_seed": 0, "model": "mlp", "d_in": 784, "n_classes": 10, "depth": 1,
@@ -68,7 +68,7 @@ TINY_SPECS: dict[str, dict[str, Any]] = {
         "size": "tiny", "dataset": "digits", "split_seed": 0, "n_train": 200, "n_test": 50,
         "model": "logistic_regression", "d_in": 64, "n_classes": 10, "bias": False, "l2": 0.1, "damping": 0.0,
         "fit": "helpers.train.fit_to_tolerance(tol=1e-10)",
-        "reference": "helpers.convex.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
+        "reference": "helpers.closed_form.removal_estimate(method='exact'): closed-form Hessian, Cholesky, float64",
     },
     "P2": {
         "size": "tiny", "dataset": "digits", "split_seed": 0, "n_train": 200, "n_test": 50, "model": "mlp",
@@ -109,7 +109,7 @@ def problem_path(name: str, size: str = "full", directory: Path | None = None) -
 
 def _test_points(split: data.Split, theta_p1: torch.Tensor) -> torch.Tensor:
     """Indices of the ``N_TEST_POINTS`` highest-loss test points under P1's θ̂ (descending loss)."""
-    losses = convex.losses(split.x_test, split.y_test, theta_p1)
+    losses = closed_form.losses(split.x_test, split.y_test, theta_p1)
     return torch.argsort(losses, descending=True)[:N_TEST_POINTS]
 
 
@@ -118,17 +118,17 @@ def _p1(split: data.Split, spec: dict[str, Any]
     full = size_of(spec) == "full"  # only the full problem's fit is worth the disk cache
     t0 = time.perf_counter()
     zeros = torch.zeros(split.n_classes, split.x_train.shape[1], dtype=split.x_train.dtype)
-    fit = train.fit_to_tolerance(convex.model_at(zeros), split.x_train, split.y_train, l2=spec["l2"], tol=1e-10,
+    fit = train.fit_to_tolerance(closed_form.model_at(zeros), split.x_train, split.y_train, l2=spec["l2"], tol=1e-10,
                                  cache=full)
     t_fit = time.perf_counter() - t0
     test_idx = _test_points(split, fit.theta)
     xt, yt = split.x_test[test_idx], split.y_test[test_idx]
     t0 = time.perf_counter()
-    ref = convex.removal_estimate(split.x_train, split.y_train, xt, yt, fit.theta, l2=spec["l2"], method="exact")
+    ref = closed_form.removal_estimate(split.x_train, split.y_train, xt, yt, fit.theta, l2=spec["l2"], method="exact")
     t_ref = time.perf_counter() - t0
     info = {"grad_norm": fit.grad_norm, "fit_seconds": t_fit, "reference_seconds": t_ref,
             "reference_residual": ref.solve.max_relative_residual}
-    return {convex.PARAM_NAME: fit.theta}, test_idx, ref.values, info
+    return {closed_form.PARAM_NAME: fit.theta}, test_idx, ref.values, info
 
 
 def p2_model(spec: dict[str, Any] | None = None) -> torch.nn.Module:

@@ -186,7 +186,7 @@ def jobs(problem: str, meta: dict[str, Any], path: Path | None = None,
     arn = {"rank": cfg.rank, "arnoldi_dim": cfg.arnoldi_dim}
     rtols = [{"rtol": r} for r in cfg.helpers_residuals]
     f32 = {"block": True, "low_precision": "float32"}
-    # P1 is a linear model: helpers' closed-form operator (helpers.convex) is what a user calls; the autodiff
+    # P1 is a linear model: helpers' closed-form operator (helpers.closed_form) is what a user calls; the autodiff
     # path is timed too, for comparison with the peers' (all autodiff) products
     entry = "convex" if problem == "P1" else "generic"
     what = "closed form" if problem == "P1" else "autodiff HVP"

@@ -130,9 +130,9 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
     """helpers' methods; ``method`` is ``<entry point>:<solver>``.
 
     * ``generic:<solver>`` — :func:`helpers.influence.predict_removal` (autodiff Hessian-vector products);
-    * ``convex:<solver>`` — :func:`helpers.convex.removal_estimate` (P1 only: closed-form Hessian / products).
+    * ``convex:<solver>`` — :func:`helpers.closed_form.removal_estimate` (P1 only: closed-form Hessian / products).
     """
-    from helpers import convex
+    from helpers import closed_form
     from helpers.influence import predict_removal
 
     entry, solver = method.split(":")
@@ -143,7 +143,7 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
         theta = model.linear.weight.detach()
 
         def call() -> tuple[np.ndarray, dict]:
-            r = convex.removal_estimate(P.x, P.y, P.xt, P.yt, theta, l2=P.l2, damping=P.damping, method=solver,
+            r = closed_form.removal_estimate(P.x, P.y, P.xt, P.yt, theta, l2=P.l2, damping=P.damping, method=solver,
                                         **opts)
             return r.values.numpy(), {"residual": r.solve.max_relative_residual, "iterations": r.solve.iterations}
     else:
