@@ -5,7 +5,7 @@
 The seed paper's protocol (STUDY.md §3): width-5 SELU MLPs on the 149 standardised Iris training points, Adam
 lr 1e-3, ``ReduceLROnPlateau`` (÷10 after 100 stalled epochs, eps 1e-8), 60,000 full-batch epochs; one hidden
 layer, with (λ = 0.005) and without weight decay, ``--reps`` seeds each, as one vectorised ensemble
-(:func:`helpers.sweeps.fit_stack`). Both runs train the same members; the stopped run drops each member from the
+(:func:`helpers.stacked.fit_stack`). Both runs train the same members; the stopped run drops each member from the
 ensemble once its learning rate is at the floor (:attr:`helpers.train.Recipe.stop_at_floor`). Printed, from this
 one run: both wall times and their ratio, the epochs each member computed, and the largest parameter change the
 skipped epochs made against :func:`helpers.train.floor_bound`.
@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers import sweeps
+from helpers import stacked
+from helpers.experiments import nonconvex
 from helpers.train import Recipe, floor_bound
 
 
@@ -34,8 +35,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = sweeps.iris_data(83)
-    stack = sweeps.Stack(4, 3, 1, 5)
+    data = nonconvex.iris_data(83)
+    stack = stacked.Stack(4, 3, 1, 5)
     members = pd.DataFrame([{"depth": 1, "width": 5, "l2": lam, "seed": s}
                             for lam in (0.0, 0.005) for s in range(args.reps)])
     recipe = Recipe(optimizer="adam", lr=1e-2 if args.quick else 1e-3, epochs=6000 if args.quick else 60000,
@@ -44,7 +45,7 @@ def main() -> None:
     fits = {}
     for name, rec in (("stopped at the floor", recipe), ("every epoch", recipe.replace(stop_at_floor=False))):
         start = time.perf_counter()
-        fits[name] = sweeps.fit_stack(stack, members, *data.train, rec)
+        fits[name] = stacked.fit_stack(stack, members, *data.train, rec)
         timed[name] = time.perf_counter() - start
     stop, full = fits["stopped at the floor"], fits["every epoch"]
     moved = (full.theta - stop.theta).abs().max(1).values.numpy()

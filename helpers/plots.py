@@ -83,13 +83,13 @@ def paired_bars(ax: Axes, frame: pd.DataFrame, x: str, series: Sequence[tuple[st
 
     ``series``: ``(label, column, color)`` triples; each bar is ``frame[column]`` with whiskers from
     ``frame[column + "_low"]`` to ``frame[column + "_high"]`` (e.g. the paper's and the book's mean |ρ| from
-    :func:`helpers.sweeps.summarize_runs`). Where ``frame[column + "_runs"]`` lists the runs of a bar (a group of at most
-    :data:`helpers.sweeps.SHOW_RUNS`), they are drawn as dots on it. Missing values (NaN: a setting one side did not run) leave a
+    :func:`helpers.experiments.nonconvex.summarize_runs`). Where ``frame[column + "_runs"]`` lists the runs of a bar (a group of at most
+    :data:`helpers.experiments.nonconvex.SHOW_RUNS`), they are drawn as dots on it. Missing values (NaN: a setting one side did not run) leave a
     gap. Returns ``ax``.
     """
     missing = [c for _, col, _ in series for c in (col, f"{col}_low", f"{col}_high") if c not in frame.columns]
     if missing or x not in frame.columns:
-        raise KeyError(f"frame lacks columns {missing or [x]}: pass the output of sweeps.summarize_runs / compare_bars")
+        raise KeyError(f"frame lacks columns {missing or [x]}: pass the output of nonconvex.summarize_runs / compare_bars")
     xs = sorted(frame[x].unique())
     pos = {v: i for i, v in enumerate(xs)}
     width = 0.8 / max(1, len(series))

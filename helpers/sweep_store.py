@@ -3,7 +3,7 @@
 The paper profile of the Iris sweeps (50 repetitions, every regime, the paper's 60,000 / 7,500 epochs) takes
 hours. It is run in the background on a Dask ``LocalCluster`` (or any cluster) and every finished chunk — one
 setting (depth or width) × one regime family × one block of repetitions, see
-:meth:`helpers.sweeps.IrisSweepConfig.chunks` — is
+:meth:`helpers.experiments.nonconvex.IrisSweepConfig.chunks` — is
 written under ``book/data/iris_paper/<chunk>/`` as small CSVs with its provenance (command, git SHA, date,
 machine, wall time) and, with ``--commit``, committed at once. A fresh clone therefore resumes where the last
 run stopped: chunks already stored are skipped.
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from helpers.cache import REPO_ROOT
-from helpers.sweeps import IrisSweepConfig, IrisSweepResult, run_iris_chunk, run_iris_sweeps
+from helpers.experiments.nonconvex import IrisSweepConfig, IrisSweepResult, run_iris_chunk, run_iris_sweeps
 
 STORE = REPO_ROOT / "book" / "data" / "iris_paper"
 BLOCK = 5  # repetitions per chunk: ~minutes each, so an interruption loses little

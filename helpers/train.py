@@ -727,7 +727,7 @@ def _batched_call(fn: Callable, params: dict[str, Tensor], aux: tuple, *rest: An
     one, or the last member left after the others stopped at their floor) is paired with a copy of itself so
     that every step runs on the batched path. Batched kernels still block differently for different batch
     sizes, so in float32 a member's trajectory depends on its ensemble: the ensemble, not the member, is the
-    unit of exact recomputation (:meth:`helpers.sweeps.IrisSweepConfig.chunks`).
+    unit of exact recomputation (:meth:`helpers.experiments.nonconvex.IrisSweepConfig.chunks`).
 
     ``chunk``: at most that many members per call (:func:`member_chunk`; None: all at once), results concatenated.
     """

@@ -178,7 +178,7 @@ def test_smoke_book_renders_intro_with_figure_and_numbers(smoke_book: Path) -> N
 def test_smoke_book_has_api_reference_and_bibliography(smoke_book: Path) -> None:
     api = (smoke_book / "html" / "book" / "api.html").read_text()
     for name in ("influence.predict_removal", "retrain.warm_start", "curvature.hessian_operator", "cache.memoize",
-                 "train.Recipe", "convex.verify", "sweeps.run_deep", "validation.run_protocols",
+                 "train.Recipe", "convex.verify", "nonconvex.run_deep", "validation.run_protocols",
                  "own_model.run_checklist", "dispatch.run_many"):
         assert f'id="helpers.{name}"' in api, f"API page lacks helpers.{name}"
     assert "Undefined substitution" not in api and "|ρ|" in api  # docstrings' absolute values survive

@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import sweep_store, sweeps
+from helpers import sweep_store
+from helpers.experiments import nonconvex
 
-TINY = sweeps.IrisSweepConfig(depths=(1,), widths=(8,), depth_regimes=("l2", "l2_swa"), width_regimes=("bnn",),
+TINY = nonconvex.IrisSweepConfig(depths=(1,), widths=(8,), depth_regimes=("l2", "l2_swa"), width_regimes=("bnn",),
                               last_layer_regimes=("l2",), reps=2, epochs=30, retrain_epochs=5, n_candidates=4,
                               dtype="float64")
 
@@ -24,14 +25,14 @@ def test_store_round_trip_and_resume(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(sweep_store, "BLOCK", 1)
     tasks = TINY.chunks(1)
     first = tasks[0]
-    result = sweeps.run_iris_chunk(TINY, **first, cache=False)
+    result = nonconvex.run_iris_chunk(TINY, **first, cache=False)
     folder = sweep_store.write_chunk(first, result, TINY, wall_s=1.5, store=tmp_path, command="test")
     assert folder.name == "depth-plain-d1-r00-01" and sweep_store.is_stored(first, TINY, tmp_path)
     assert not sweep_store.is_stored(tasks[1], TINY, tmp_path)
     prov = json.loads((folder / "provenance.json").read_text())
     assert {"git_sha", "date", "machine", "wall_s", "command", "config", "task"} <= set(prov)
     # another config (e.g. other lengths) never reuses the stored chunk
-    assert not sweep_store.is_stored(first, sweeps.IrisSweepConfig(**{**TINY.__dict__, "epochs": 31}), tmp_path)
+    assert not sweep_store.is_stored(first, nonconvex.IrisSweepConfig(**{**TINY.__dict__, "epochs": 31}), tmp_path)
     back, table = sweep_store.load_stored(tmp_path, TINY)
     assert list(table["chunk"]) == ["depth-plain-d1-r00-01"] and table["wall_s"].tolist() == [1.5]
     # full precision survives the CSV round trip
@@ -72,14 +73,14 @@ def test_borrow_takes_the_same_members_and_refuses_another_protocol(tmp_path, mo
     monkeypatch.setattr(sweep_store, "BLOCK", 1)
     monkeypatch.setattr(sweep_store, "paper_config", lambda: TINY)
     for task in TINY.chunks(1):
-        r = sweeps.run_iris_chunk(TINY, **task, cache=False)
+        r = nonconvex.run_iris_chunk(TINY, **task, cache=False)
         sweep_store.write_chunk(task, r, TINY, wall_s=0.0, store=tmp_path)
-    small = sweeps.IrisSweepConfig(**{**TINY.__dict__, "reps": 1, "depth_regimes": ("l2",)})
+    small = nonconvex.IrisSweepConfig(**{**TINY.__dict__, "reps": 1, "depth_regimes": ("l2",)})
     got = sweep_store.borrow(small, ["bnn"], store=tmp_path)
     assert set(got.models["regime"]) == {"bnn"} and set(got.models["rep"]) == {0} and len(got.models) == 1
     assert set(got.runs["sweep"]) == {"width"} and len(got.history) > 0
     with pytest.raises(ValueError, match="differs in \\['epochs'\\]"):
-        sweep_store.borrow(sweeps.IrisSweepConfig(**{**TINY.__dict__, "epochs": 31}), ["bnn"], store=tmp_path)
+        sweep_store.borrow(nonconvex.IrisSweepConfig(**{**TINY.__dict__, "epochs": 31}), ["bnn"], store=tmp_path)
 
 
 def test_first_runs_the_settings_a_profile_borrows_longest_first() -> None:

@@ -1,4 +1,4 @@
-"""helpers.sweeps: the stacked ensembles against the real models trained one by one, the batched influence and
+"""helpers.experiments.nonconvex: the stacked ensembles against the real models trained one by one, the batched influence and
 spectra against helpers.influence / the per-model Hessian, the paper's tables, and both protocols end to end
 at tiny sizes (float64 wherever results must match)."""
 
@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import models, paper_data, plots, retrain, sweeps
+from helpers import models, paper_data, plots, retrain, stacked
+from helpers.experiments import nonconvex
 from helpers.influence import predict_removal
 from helpers.objective import per_sample_losses
 from helpers.models import init_params
@@ -20,8 +21,8 @@ F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
-def iris() -> sweeps.IrisData:
-    return sweeps.iris_data(83)
+def iris() -> nonconvex.IrisData:
+    return nonconvex.iris_data(83)
 
 
 def _members(rows: list[tuple[int, int, float, int]]) -> pd.DataFrame:
@@ -31,13 +32,13 @@ def _members(rows: list[tuple[int, int, float, int]]) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ data and tables
 
 
-def test_iris_data_is_the_papers_split(iris: sweeps.IrisData) -> None:
+def test_iris_data_is_the_papers_split(iris: nonconvex.IrisData) -> None:
     assert iris.x_train.shape == (149, 4) and iris.x_test.shape == (1, 4)
     assert 83 not in iris.idx_train.tolist() and iris.y_test.item() == 1  # index 83 is a versicolor
     torch.testing.assert_close(iris.x_train.mean(0), torch.zeros(4, dtype=F64), atol=1e-12, rtol=0)
     torch.testing.assert_close(iris.x_train.std(0, correction=0), torch.ones(4, dtype=F64), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="test_index"):
-        sweeps.iris_data(150)
+        nonconvex.iris_data(150)
 
 
 def test_reference_tables_recompute_the_papers_bars() -> None:
@@ -54,15 +55,15 @@ def test_reference_tables_recompute_the_papers_bars() -> None:
     assert len(fc) == 49 and fc["abs_spearman"].mean() == pytest.approx(0.808, abs=5e-4)
     lenet = deep[(deep.dataset == "mnist") & (deep.model == "lenet")]
     assert lenet["drift"].mean() == pytest.approx(0.272, abs=5e-4)  # the drift column of epifano2023_deep.csv
-    assert not hasattr(sweeps, "read_reference") and not hasattr(sweeps, "paper_deep_runs")
+    assert not hasattr(nonconvex, "read_reference") and not hasattr(nonconvex, "paper_deep_runs")
 
 
 # ------------------------------------------------------------------------------------------ stacked networks
 
 
 @pytest.mark.parametrize("bayesian", [False, True])
-def test_stack_embeds_a_real_model_exactly(iris: sweeps.IrisData, bayesian: bool) -> None:
-    stack = sweeps.Stack(4, 3, max_depth=3, max_width=6, bayesian=bayesian)
+def test_stack_embeds_a_real_model_exactly(iris: nonconvex.IrisData, bayesian: bool) -> None:
+    stack = stacked.Stack(4, 3, max_depth=3, max_width=6, bayesian=bayesian)
     real = stack.build(2, 4)
     p = init_params(real, 7)
     real = model_with(real, p)
@@ -87,8 +88,8 @@ def test_stack_embeds_a_real_model_exactly(iris: sweeps.IrisData, bayesian: bool
         stack.masks(4, 4)
 
 
-def test_bayesian_stack_objective_is_the_models_loss(iris: sweeps.IrisData) -> None:
-    stack = sweeps.Stack(4, 3, 2, 5, bayesian=True)
+def test_bayesian_stack_objective_is_the_models_loss(iris: nonconvex.IrisData) -> None:
+    stack = stacked.Stack(4, 3, 2, 5, bayesian=True)
     real = stack.build(1, 3)
     p = init_params(real, 3)
     real = model_with(real, p)
@@ -98,20 +99,20 @@ def test_bayesian_stack_objective_is_the_models_loss(iris: sweeps.IrisData) -> N
     w = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=F64)
     aux = (w, torch.tensor(0.0, dtype=F64), dm, um, am, torch.tensor([lw["fit_weight"], lw["logdet_weight"],
                                                                        lw["kl_weight"]], dtype=F64))
-    f = sweeps.stack_objective(stack)
+    f = stacked.stack_objective(stack)
     got = f({"theta": stack.embed(p, 1, 3)}, aux, x, y, None, 1.0)
     want = models.bayesian_loss(real, x, y, **lw)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
-def test_stack_ensemble_trains_like_the_real_models_one_by_one(iris: sweeps.IrisData) -> None:
+def test_stack_ensemble_trains_like_the_real_models_one_by_one(iris: nonconvex.IrisData) -> None:
     """Members of different depth, width and λ in one ensemble follow torch.optim's trajectory for each model."""
     x, y = iris.train
-    stack = sweeps.Stack(4, 3, 3, 6)
+    stack = stacked.Stack(4, 3, 3, 6)
     members = _members([(1, 6, 0.0, 0), (3, 4, 0.005, 1), (2, 6, 0.01, 2)])
     recipe = Recipe(optimizer="adam", lr=1e-2, epochs=40, schedule="plateau", patience=5, swa_start=0.5,
                     dtype="float64")
-    res = sweeps.fit_stack(stack, members, x, y, recipe)
+    res = stacked.fit_stack(stack, members, x, y, recipe)
     for j, (d, w, lam, seed) in enumerate(members.itertuples(index=False)):
         real = stack.build(d, w)
         one = fit(recipe.replace(weight_decay=lam), real, x, y, init=init_params(real, seed), progress=False)
@@ -121,15 +122,15 @@ def test_stack_ensemble_trains_like_the_real_models_one_by_one(iris: sweeps.Iris
         assert res.loss[j] == pytest.approx(one.loss, abs=1e-12)
 
 
-def test_retrain_stack_is_helpers_warm_start(iris: sweeps.IrisData) -> None:
+def test_retrain_stack_is_helpers_warm_start(iris: nonconvex.IrisData) -> None:
     x, y = iris.train
-    stack = sweeps.Stack(4, 3, 2, 5)
+    stack = stacked.Stack(4, 3, 2, 5)
     members = _members([(2, 5, 0.005, 0), (1, 5, 0.0, 1)])
     train_recipe = Recipe(optimizer="adam", lr=1e-2, epochs=60, schedule="plateau", dtype="float64")
-    fitted = sweeps.fit_stack(stack, members, x, y, train_recipe)
+    fitted = stacked.fit_stack(stack, members, x, y, train_recipe)
     removed = np.array([[3, 10, 40], [0, 5, 148]])
     re = Recipe(optimizer="adam", lr=1e-3, epochs=15, schedule="plateau", dtype="float64")
-    got = sweeps.retrain_stack(fitted, x, y, iris.test, removed, re, loo="reaverage")
+    got = stacked.retrain_stack(fitted, x, y, iris.test, removed, re, loo="reaverage")
     for j, (d, w, lam, _) in enumerate(members.itertuples(index=False)):
         real = stack.build(d, w)
         theta = stack.extract(fitted.theta[j], d, w)
@@ -140,7 +141,7 @@ def test_retrain_stack_is_helpers_warm_start(iris: sweeps.IrisData) -> None:
         assert got.drift[j] != 0  # a fresh optimizer moves a model that is not at a minimum
 
 
-def test_retrain_last_layer_is_warm_start_on_the_features(iris: sweeps.IrisData) -> None:
+def test_retrain_last_layer_is_warm_start_on_the_features(iris: nonconvex.IrisData) -> None:
     x, y = iris.train
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(2, x.shape[0], 4, generator=gen, dtype=F64)
@@ -152,12 +153,12 @@ def test_retrain_last_layer_is_warm_start_on_the_features(iris: sweeps.IrisData)
                Recipe(optimizer="adam", lr=1e-2, epochs=4, batch_size=40, seed=3, dtype="float64")):
         _check_last_layer(feats, y, W, b, lam, test_f, removed, re)
     with pytest.raises(ValueError, match="weight_decay"):
-        sweeps.retrain_last_layer(feats, y, W, b, lam, test_f, torch.tensor([1, 2]), removed,
+        stacked.retrain_last_layer(feats, y, W, b, lam, test_f, torch.tensor([1, 2]), removed,
                                   Recipe(weight_decay=0.1))
 
 
 def _check_last_layer(feats, y, W, b, lam, test_f, removed, re) -> None:
-    got = sweeps.retrain_last_layer(feats, y, W, b, lam, test_f, torch.tensor([1, 2]), removed, re, loo="drop",
+    got = stacked.retrain_last_layer(feats, y, W, b, lam, test_f, torch.tensor([1, 2]), removed, re, loo="drop",
                                     max_elements=1)  # one model per ensemble: the chunking path too
     for j in range(2):
         lr_model = models.logistic_regression(4, 3, bias=True, dtype=F64)
@@ -171,14 +172,14 @@ def _check_last_layer(feats, y, W, b, lam, test_f, removed, re) -> None:
 # ------------------------------------------------------------------------------------------ influence and curvature
 
 
-def _trained_mlp(iris: sweeps.IrisData, width: int = 5) -> torch.nn.Module:
+def _trained_mlp(iris: nonconvex.IrisData, width: int = 5) -> torch.nn.Module:
     real = models.build("mlp", d_in=4, n_classes=3, depth=1, width=width, seed=0, dtype=F64)
     r = fit(Recipe(optimizer="adam", lr=1e-2, epochs=150, weight_decay=0.005, dtype="float64"), real, *iris.train,
             progress=False)
     return model_with(real, r.params)
 
 
-def test_last_layer_influence_from_features_is_the_networks_last_layer_influence(iris: sweeps.IrisData) -> None:
+def test_last_layer_influence_from_features_is_the_networks_last_layer_influence(iris: nonconvex.IrisData) -> None:
     real = _trained_mlp(iris)
     x, y = iris.train
     want = predict_removal(real, (x, y), iris.test, params="last", l2=0.005, method="exact").values
@@ -186,12 +187,12 @@ def test_last_layer_influence_from_features_is_the_networks_last_layer_influence
     with torch.no_grad():
         phi, phi_t = body(x), body(iris.x_test)
     last = real.last_layer
-    got, info = sweeps.last_layer_influence(phi, y, phi_t, iris.y_test, last.weight, last.bias, l2=0.005,
+    got, info = stacked.last_layer_influence(phi, y, phi_t, iris.y_test, last.weight, last.bias, l2=0.005,
                                             method="exact")
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
 
 
-def test_batched_last_layer_influence_matches_predict_removal(iris: sweeps.IrisData) -> None:
+def test_batched_last_layer_influence_matches_predict_removal(iris: nonconvex.IrisData) -> None:
     gen = torch.Generator().manual_seed(1)
     k, n, f = 3, iris.x_train.shape[0], 5
     feats = torch.randn(k, n, f, generator=gen, dtype=F64)
@@ -201,41 +202,41 @@ def test_batched_last_layer_influence_matches_predict_removal(iris: sweeps.IrisD
     lam = [0.0, 0.005, 0.1]
     for kw, expected_zero in ((dict(include_bias=False, include_l2=False), [f, f, f]),
                               (dict(include_bias=True, include_l2=True), [f + 1, 0, 0])):
-        got, info = sweeps.batched_last_layer_influence(feats, iris.y_train, tfeats, ty, W, b, lam, **kw)
+        got, info = stacked.batched_last_layer_influence(feats, iris.y_train, tfeats, ty, W, b, lam, **kw)
         # the paper's Hessian (W only, no L2) has an exactly f-dimensional null space: W -> W + 1 vᵀ
         assert info["n_zero"].tolist() == expected_zero
         for j in range(k):
-            want, _ = sweeps.last_layer_influence(feats[j], iris.y_train, tfeats[j], ty, W[j], b[j], l2=lam[j],
+            want, _ = stacked.last_layer_influence(feats[j], iris.y_train, tfeats[j], ty, W[j], b[j], l2=lam[j],
                                                   method="pinv", **kw)
             torch.testing.assert_close(got[j], want, atol=1e-12, rtol=1e-8)
 
 
-def test_stack_hessian_spectra_match_the_per_model_spectrum(iris: sweeps.IrisData) -> None:
+def test_stack_hessian_spectra_match_the_per_model_spectrum(iris: nonconvex.IrisData) -> None:
     x, y = iris.train
     for bayesian in (False, True):
-        stack = sweeps.Stack(4, 3, 2, 4, bayesian=bayesian)
+        stack = stacked.Stack(4, 3, 2, 4, bayesian=bayesian)
         members = _members([(2, 4, 0.005, 0), (1, 3, 0.0, 1), (2, 4, 0.005, 2)])
         theta = torch.stack([stack.embed(init_params(stack.build(d, w), s), d, w)
                              for d, w, _, s in members.itertuples(index=False)])
-        got = sweeps.stack_hessian_spectra(stack, theta, x, y, members)
+        got = stacked.stack_hessian_spectra(stack, theta, x, y, members)
         for j, (d, w, lam, _) in enumerate(members.itertuples(index=False)):
             real = model_with(stack.build(d, w), stack.extract(theta[j], d, w))
-            want = sweeps.hessian_spectrum(real, x, y, l2=0.0 if bayesian else lam, bayesian=bayesian)
+            want = stacked.hessian_spectrum(real, x, y, l2=0.0 if bayesian else lam, bayesian=bayesian)
             for key in ("top", "bottom", "top_no_l2", "neg_share", "dim"):
                 assert got.loc[j, key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (bayesian, key)
     # and the dense spectrum agrees with Lanczos
     real = _trained_mlp(iris)
-    dense = sweeps.hessian_spectrum(real, x, y, l2=0.005)
-    lz = sweeps.lanczos_check(real, x, y, l2=0.005)
+    dense = stacked.hessian_spectrum(real, x, y, l2=0.005)
+    lz = stacked.lanczos_check(real, x, y, l2=0.005)
     assert lz["top"] == pytest.approx(dense["top"], rel=1e-8)
     assert lz["bottom"] == pytest.approx(dense["bottom"], rel=1e-6, abs=1e-9)
     assert dense["top_no_l2"] == pytest.approx(dense["top"] - 0.005, abs=1e-14)
 
 
-def test_bnn_influence_uses_the_likelihood_hessian_with_damping(iris: sweeps.IrisData) -> None:
+def test_bnn_influence_uses_the_likelihood_hessian_with_damping(iris: nonconvex.IrisData) -> None:
     x, y = iris.train
     real = models.build("bayesian_mlp", d_in=4, n_classes=3, depth=1, width=3, seed=0, dtype=F64)
-    got, info = sweeps.bnn_last_layer_influence(real, x, y, iris.x_test, iris.y_test, damping=1e-3)
+    got, info = stacked.bnn_last_layer_influence(real, x, y, iris.x_test, iris.y_test, damping=1e-3)
     assert got.shape == (1, x.shape[0]) and torch.isfinite(got).all()
     # brute force: dense Hessian of the mean NLL in the flat last-layer mean weights, by double autograd
     w = real.layers[-1].mean.weight.detach().clone().requires_grad_(True)
@@ -255,15 +256,15 @@ def test_bnn_influence_uses_the_likelihood_hessian_with_damping(iris: sweeps.Iri
 
 
 def test_iris_loo_losses_one_ensemble() -> None:
-    t = sweeps.iris_loo_losses([0], epochs=5, cache=False)
+    t = nonconvex.iris_loo_losses([0], epochs=5, cache=False)
     assert len(t) == 150 and set(t["index"]) == set(range(150)) and np.isfinite(t["loss"]).all()
 
 
 def test_run_iris_group_tiny_end_to_end() -> None:
-    cfg = sweeps.IrisSweepConfig(depths=(1, 2), widths=(8,), depth_regimes=("nol2", "l2"), width_regimes=("bnn",),
+    cfg = nonconvex.IrisSweepConfig(depths=(1, 2), widths=(8,), depth_regimes=("nol2", "l2"), width_regimes=("bnn",),
                                  last_layer_regimes=("l2",), reps=2, epochs=30, retrain_epochs=5, n_candidates=5,
                                  dtype="float64")
-    r = sweeps.run_iris_sweeps(cfg, cache=False)
+    r = nonconvex.run_iris_sweeps(cfg, cache=False)
     combos = r.runs.groupby(["sweep", "regime", "protocol", "estimator"]).size()
     assert combos[("depth", "l2", "all_layers", "paper")] == 4 and combos[("depth", "l2", "last_layer", "objective")] == 4
     assert ("depth", "nol2", "last_layer", "paper") not in combos and combos[("width", "bnn", "all_layers", "bnn")] == 2
@@ -271,18 +272,18 @@ def test_run_iris_group_tiny_end_to_end() -> None:
     assert r.runs["spearman"].between(-1, 1).all()
     assert len(r.models) == 10 and (r.models["dim"] > 0).all() and len(r.points) == 5 * (4 + 4 + 4 + 2)
     assert set(r.history["sweep"]) == {"depth", "width"} and len(r.lanczos) == 1
-    summary = sweeps.summarize_runs(r.runs, ["sweep", "regime", "value", "protocol", "estimator"], n_resamples=200)
+    summary = nonconvex.summarize_runs(r.runs, ["sweep", "regime", "value", "protocol", "estimator"], n_resamples=200)
     assert (summary["abs_spearman_low"] <= summary["abs_spearman"]).all()
     assert (summary["abs_spearman"] <= summary["abs_spearman_high"] + 1e-12).all()
     with pytest.raises(ValueError, match="unknown regimes"):
-        sweeps.IrisSweepConfig(depth_regimes=("l3",))
+        nonconvex.IrisSweepConfig(depth_regimes=("l3",))
 
 
 def test_summarize_runs_shows_few_runs_as_runs_and_many_with_a_bootstrap_interval() -> None:
     rng = np.random.default_rng(0)
     few = pd.DataFrame({"g": "few", "spearman": [0.2, 0.5, 0.9], "pearson": [0.1, 0.4, 0.8]})
     many = pd.DataFrame({"g": "many", "spearman": rng.uniform(0.3, 0.7, 40), "pearson": rng.uniform(0.3, 0.7, 40)})
-    s = sweeps.summarize_runs(pd.concat([few, many]), ["g"], extra=(), n_resamples=500).set_index("g")
+    s = nonconvex.summarize_runs(pd.concat([few, many]), ["g"], extra=(), n_resamples=500).set_index("g")
     # three runs: the whisker is their range and the runs are listed, never a bootstrap over 10 distinct resamples
     assert (s.loc["few", "spearman_low"], s.loc["few", "spearman_high"]) == (0.2, 0.9)
     assert [float(v) for v in s.loc["few", "spearman_runs"].split(";")] == [0.2, 0.5, 0.9]
@@ -299,7 +300,7 @@ def test_compare_bars_flags_separate_intervals() -> None:
                           "abs_spearman_high": [0.75, 0.55]})
     book = pd.DataFrame({"v": [1, 2], "n": [10, 10], "abs_spearman": [0.72, 0.2], "abs_spearman_low": [0.6, 0.1],
                          "abs_spearman_high": [0.8, 0.3]})
-    c = sweeps.compare_bars(book, paper, ["v"], columns=("abs_spearman",))
+    c = nonconvex.compare_bars(book, paper, ["v"], columns=("abs_spearman",))
     assert c["separate_abs_spearman"].tolist() == [False, True]
     assert c["diff_abs_spearman"].tolist() == pytest.approx([0.02, -0.3])
 
@@ -309,35 +310,35 @@ def test_run_deep_on_a_tiny_torchvision_folder(tmp_path) -> None:
     from helpers.data import write_fake_torchvision_mnist
 
     write_fake_torchvision_mnist(tmp_path, n_train=40, n_test=10)
-    cfg = sweeps.DeepConfig(dataset="mnist", model="vgg_tiny", n_train=30, n_test=10, reps=2, epochs=3,
+    cfg = nonconvex.DeepConfig(dataset="mnist", model="vgg_tiny", n_train=30, n_test=10, reps=2, epochs=3,
                             finetune_epochs=3, n_top=6, lissa_depth=20, all_params=True, all_params_epochs=2,
                             cg_maxiter=5, root=str(tmp_path))
-    r = sweeps.run_deep(cfg, cache=False)
+    r = nonconvex.run_deep(cfg, cache=False)
     assert set(r.runs["estimator"]) == {"exact", "lissa", "all_params_cg"}
     assert len(r.runs) == 6 and len(r.points) == 2 * 6 * 2
     assert np.isfinite(r.runs["drift"]).all() and (r.models["test_loss"] > 0).all()
     assert r.history.shape == (2, 3)
     # VGG13 needs 32 pixels: MNIST's 28 are padded (the paper profile's setting)
-    vgg = sweeps._deep_model(sweeps.DeepConfig(model="vgg13"), (1, 32, 32), 10)
-    split = sweeps._deep_data(sweeps.DeepConfig(dataset="mnist", model="vgg13", pad_to=32, n_train=4, n_test=2,
+    vgg = nonconvex._deep_model(nonconvex.DeepConfig(model="vgg13"), (1, 32, 32), 10)
+    split = nonconvex._deep_data(nonconvex.DeepConfig(dataset="mnist", model="vgg13", pad_to=32, n_train=4, n_test=2,
                                                 root=str(tmp_path)))
     assert split.x_train.shape[1:] == (1, 32, 32)
     with torch.no_grad():
         assert vgg(split.x_train[:2]).shape == (2, 10)
     with pytest.raises(FileNotFoundError):
-        sweeps.run_deep(sweeps.DeepConfig(dataset="cifar10", model="vgg13", root=str(tmp_path / "none")), cache=False)
+        nonconvex.run_deep(nonconvex.DeepConfig(dataset="cifar10", model="vgg13", root=str(tmp_path / "none")), cache=False)
 
 
-def test_paper_inverse_reproduces_the_singular_float32_inverse(iris: sweeps.IrisData) -> None:
+def test_paper_inverse_reproduces_the_singular_float32_inverse(iris: nonconvex.IrisData) -> None:
     gen = torch.Generator().manual_seed(2)
     feats = torch.randn(2, iris.x_train.shape[0], 4, generator=gen, dtype=F64)
     W, b = torch.randn(2, 3, 4, generator=gen, dtype=F64), torch.randn(2, 3, generator=gen, dtype=F64)
     feats[1] = 0.0  # zero features: H = 0, an exactly zero pivot, reported as NaN rather than returned
-    vals, lu = sweeps.paper_inverse_influence(feats, iris.y_train, feats[:, :1], iris.y_train[:1], W, b)
+    vals, lu = stacked.paper_inverse_influence(feats, iris.y_train, feats[:, :1], iris.y_train[:1], W, b)
     assert vals.shape == (2, 1, iris.x_train.shape[0]) and vals.dtype == F64
     assert lu[1] != 0 and torch.isnan(vals[1]).all() and torch.isfinite(vals[0]).all()
     # the float32 inverse of the singular Hessian is not the pseudo-inverse: it blows up the null space
-    pinv, info = sweeps.batched_last_layer_influence(feats[:1], iris.y_train, feats[:1, :1], iris.y_train[:1],
+    pinv, info = stacked.batched_last_layer_influence(feats[:1], iris.y_train, feats[:1, :1], iris.y_train[:1],
                                                      W[:1], b[:1], [0.0], include_bias=False, include_l2=False)
     assert info["n_zero"].item() == 4
     assert not torch.allclose(vals[0], pinv[0], rtol=1e-3, atol=0)
@@ -363,10 +364,10 @@ def test_paired_bars_draws_every_available_bar() -> None:
 def test_deep_models_use_a_gpu_when_one_is_there(monkeypatch) -> None:
     """`device="auto"` (the default, so the paper profile's image models) picks CUDA whenever torch sees it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert sweeps.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cuda")
+    assert nonconvex.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert sweeps.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cpu")
-    assert sweeps.DeepConfig(dataset="mnist5k", model="fc16", device="cpu").torch_device.type == "cpu"
+    assert nonconvex.DeepConfig(dataset="mnist5k", model="fc16").torch_device == torch.device("cpu")
+    assert nonconvex.DeepConfig(dataset="mnist5k", model="fc16", device="cpu").torch_device.type == "cpu"
 
 
 # ------------------------------------------------------------------------------------------ dispatch of the sweeps
@@ -381,29 +382,29 @@ def test_iris_sweeps_on_a_two_worker_local_cluster_equal_the_serial_run(monkeypa
 
     distributed = pytest.importorskip("dask.distributed", reason="install the dev extra (dask[distributed])")
     monkeypatch.delenv(dispatch.SCHEDULER_ENV, raising=False)
-    cfg = sweeps.IrisSweepConfig(**TINY)
+    cfg = nonconvex.IrisSweepConfig(**TINY)
     assert len(cfg.chunks(1)) == 3 * 2  # (depth plain 1, 2 with their SWA twins, width plain 8) × 2 blocks of one rep
     seen: list[dict] = []
-    serial = sweeps.run_iris_sweeps(cfg, block=1, cache=False, on_result=lambda t, r: seen.append(t))
+    serial = nonconvex.run_iris_sweeps(cfg, block=1, cache=False, on_result=lambda t, r: seen.append(t))
     assert sorted(map(str, seen)) == sorted(map(str, cfg.chunks(1)))
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-        on_cluster = sweeps.run_iris_sweeps(cfg, block=1, cache=False, scheduler=c.scheduler_address)
+        on_cluster = nonconvex.run_iris_sweeps(cfg, block=1, cache=False, scheduler=c.scheduler_address)
     for name in ("runs", "models", "points"):
         pd.testing.assert_frame_equal(getattr(serial, name), getattr(on_cluster, name))
     # the chunking does not change a member's numbers either (the stack is the config's in every chunk)
-    whole = sweeps.run_iris_sweeps(cfg, block=2, cache=False)
+    whole = nonconvex.run_iris_sweeps(cfg, block=2, cache=False)
     keys = ["sweep", "regime", "value", "rep", "protocol", "estimator"]
     a, b = (r.runs.sort_values(keys).reset_index(drop=True) for r in (serial, whole))
     np.testing.assert_allclose(a["delta_mean"], b["delta_mean"], rtol=1e-9, atol=1e-12)
-    skipped = sweeps.run_iris_sweeps(cfg, block=1, cache=False, skip=lambda t: t["sweep"] == "depth")
+    skipped = nonconvex.run_iris_sweeps(cfg, block=1, cache=False, skip=lambda t: t["sweep"] == "depth")
     assert set(skipped.runs["sweep"]) == {"width"}
 
 
 def test_floor_stop_records_floor_epochs_and_bounds() -> None:
     """Every model and retraining records when its lr reached the floor, and the bound on what was skipped."""
-    cfg = sweeps.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
+    cfg = nonconvex.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
                                     "patience": 5, "depth_regimes": ("l2",), "width_regimes": ()})
-    r = sweeps.run_iris_sweeps(cfg, cache=False)
+    r = nonconvex.run_iris_sweeps(cfg, cache=False)
     m = r.models
     assert (m["floor_epoch"] > 0).all() and (m["epochs_run"] == m["floor_epoch"]).all()
     assert (m["epochs_run"] < 1500).all() and np.isclose(m["final_lr"], 0.05e-7).all()
@@ -416,8 +417,8 @@ def test_swa_twins_share_their_trajectory_and_equal_a_separate_run() -> None:
     numbers as the SWA regime run on its own; with the floor before averaging begins, SWA changes nothing."""
     base = {**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05, "patience": 5, "depths": (1,),
             "width_regimes": (), "last_layer_regimes": ()}
-    both = sweeps.run_iris_sweeps(sweeps.IrisSweepConfig(**{**base, "depth_regimes": ("l2", "l2_swa")}), cache=False)
-    alone = sweeps.run_iris_sweeps(sweeps.IrisSweepConfig(**{**base, "depth_regimes": ("l2_swa",)}), cache=False)
+    both = nonconvex.run_iris_sweeps(nonconvex.IrisSweepConfig(**{**base, "depth_regimes": ("l2", "l2_swa")}), cache=False)
+    alone = nonconvex.run_iris_sweeps(nonconvex.IrisSweepConfig(**{**base, "depth_regimes": ("l2_swa",)}), cache=False)
     a = both.runs[both.runs.regime == "l2_swa"].reset_index(drop=True)
     b = alone.runs.reset_index(drop=True)
     for col in ("spearman", "delta_mean", "drift", "retrain_floor_max"):
@@ -429,21 +430,21 @@ def test_swa_twins_share_their_trajectory_and_equal_a_separate_run() -> None:
 
 def test_floor_table_and_full_length_check() -> None:
     """The floor, measured per setting, and floor termination against the full run: the truths barely move."""
-    cfg = sweeps.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
+    cfg = nonconvex.IrisSweepConfig(**{**TINY, "epochs": 1500, "retrain_epochs": 600, "reps": 1, "lr": 0.05,
                                     "patience": 5, "depth_regimes": ("nol2", "l2"), "width_regimes": ()})
-    result = sweeps.run_iris_sweeps(cfg, cache=False, full_check={"sweep": "depth", "values": [1], "regimes": ["l2"]})
-    table = sweeps.floor_table(result)
+    result = nonconvex.run_iris_sweeps(cfg, cache=False, full_check={"sweep": "depth", "values": [1], "regimes": ["l2"]})
+    table = nonconvex.floor_table(result)
     l2 = table[table.regime == "l2"]
     assert len(table) == 4 and (l2["train_floor_median"] > 0).all() and (l2["train_no_floor"] == 0).all()
     assert (table["train_floor_median"].isna() == (table["train_no_floor"] == table["n"])).all()
     assert {"all_layers_floor_median", "last_layer_floor_max", "bound_nats_max"} <= set(table.columns)
-    check = sweeps.full_length_check(cfg, "depth", [1], ["l2"], cache=False)
+    check = nonconvex.full_length_check(cfg, "depth", [1], ["l2"], cache=False)
     pd.testing.assert_frame_equal(check, result.full_check)  # dispatched with the chunks or on its own: the same
     assert set(check["protocol"]) == {"all_layers", "last_layer"} and (check["floor_epoch"] < 1500).all()
     # the floor-stopped θ̂ is within its first-order bound of the full run's, and the truths agree closely
     assert (check["test_loss_diff"].abs() <= check["floor_bound_nats"]).all()
     assert (check["delta_max_abs_diff"] < 1e-3).all() and (check["spearman_diff"].abs() < 0.5).all()
-    curve = sweeps.member_retraining_curve(cfg, 1, "l2", 0, [5, 50], cache=False)
+    curve = nonconvex.member_retraining_curve(cfg, 1, "l2", 0, [5, 50], cache=False)
     assert len(curve) == 2 * 4 and set(curve["epochs"]) == {5, 50} and np.isfinite(curve["est_paper"]).all()
 
 
@@ -453,10 +454,10 @@ def test_regime_gap_counts_disjoint_settings_and_says_which_side():
                        "book_abs_spearman_high": [0.2, 0.6, 0.95], "paper_abs_spearman": [0.76, 0.55, 0.7],
                        "paper_abs_spearman_low": [0.7, 0.5, 0.6], "paper_abs_spearman_high": [0.8, 0.6, 0.8]})
     df["separate_abs_spearman"] = [True, False, True]
-    gap = sweeps.regime_gap(df, "bnn")
+    gap = nonconvex.regime_gap(df, "bnn")
     assert (gap["n"], gap["n_separate"], gap["n_below"]) == (2, 1, 1)
     assert gap["text"].startswith("depth 1: 0.16 (0.10–0.20) against 0.76 (0.70–0.80); depth 2: 0.50")
-    assert sweeps.regime_gap(df, "l2")["n_below"] == 0  # disjoint, but the book above
-    assert sweeps.regime_gap(df, "nol2")["n"] == 0
+    assert nonconvex.regime_gap(df, "l2")["n_below"] == 0  # disjoint, but the book above
+    assert nonconvex.regime_gap(df, "nol2")["n"] == 0
     with pytest.raises(ValueError, match="compare_bars"):
-        sweeps.regime_gap(df.drop(columns="separate_abs_spearman"), "bnn")
+        nonconvex.regime_gap(df.drop(columns="separate_abs_spearman"), "bnn")
