@@ -22,9 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from helpers import memory
 from helpers.cache import memoize
@@ -33,8 +35,8 @@ from helpers.models import is_softmax_regression
 from helpers.objective import BACKENDS, Backend, LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
 
-__all__ = ["InfluenceResult", "directional_derivatives", "per_sample_grads",
-           "predict_param_change", "predict_removal"]
+__all__ = ["IndexedDataset", "InfluenceResult", "LoaderInfluence", "directional_derivatives", "loader_influence",
+           "per_sample_grads", "predict_param_change", "predict_removal"]
 
 
 def per_sample_grads(
@@ -336,3 +338,79 @@ def predict_param_change(
     result = solve(op, g_train.T.contiguous(), method=method, damping=damping, **solver_options)
     change = result.x.T * w[:, None]
     return (change, result) if return_solve else change
+
+
+# --------------------------------------------------------------------------- through a shuffled DataLoader
+
+
+class IndexedDataset(Dataset):
+    """A dataset of ``(x_i, y_i, i)``: each sample carries its dataset index through any loader and shuffle —
+    the fix for the shuffled-index pitfall (STUDY.md §3 problem 1)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return self.x[i], self.y[i], i
+
+
+@dataclass
+class LoaderInfluence:
+    """Influence values in the order a ``DataLoader`` produced them.
+
+    Attributes:
+        values: ``[n]`` Δ_pred in loader order.
+        index: ``[n]`` what the pipeline believes is each value's dataset index: the carried index
+            (:class:`IndexedDataset`), or — the pitfall — the position in the loader's output.
+        carried: whether ``index`` was carried with the samples.
+    """
+
+    values: np.ndarray
+    index: np.ndarray
+    carried: bool
+
+    def by_dataset_index(self) -> np.ndarray:
+        """``[n]`` the values placed at the dataset indices the pipeline believes in (wrong if not carried)."""
+        out = np.empty_like(self.values)
+        out[self.index] = self.values
+        return out
+
+
+def loader_influence(model: nn.Module, train: tuple[Tensor, Tensor], direction: Tensor, *, params: str | list[str] = "all",
+                     batch_size: int = 64, seed: int = 0, carry_index: bool = True,
+                     loss: str = "cross_entropy") -> LoaderInfluence:
+    """Per-sample influence computed batch by batch from a *shuffled* ``DataLoader`` over the training set.
+
+    value_i = (1/n) ∇ℓ(z_i, θ̂)ᵀ v with v = (H + δI)⁻¹ ∇ℓ(z_test, θ̂) (``direction``, flat in ``params`` order;
+    e.g. ``predict_removal(...).solve.x[:, 0]``), so the values equal :func:`helpers.influence.predict_removal`'s
+    — only their order differs. With ``carry_index=False`` the loader yields ``(x, y)`` and the position in its
+    output is all the pipeline has: using it as the dataset index is the seed paper's bug. With
+    ``carry_index=True`` the loader yields ``(x, y, i)`` (:class:`IndexedDataset`) and the index travels along.
+
+    Cost: n per-sample gradients (one vmapped pass per batch).
+    """
+    x, y = train
+    n = x.shape[0]
+    names = param_names(model, params)
+    P = {k: v.detach() for k, v in model.named_parameters() if k in names}
+    P = {k: P[k] for k in names}
+    d = sum(v.numel() for v in P.values())
+    if direction.shape != (d,):
+        raise ValueError(f"direction must be [{d}] (the flat parameters of {params!r}), got {tuple(direction.shape)}")
+    ds = IndexedDataset(x, y) if carry_index else TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    values, index = [], []
+    for batch in loader:
+        xb, yb = batch[0], batch[1]
+        g = per_sample_grads(model, P, xb, yb, loss)  # [b, d]
+        values.append((g @ direction.to(g)) / n)
+        if carry_index:
+            index.append(torch.as_tensor(batch[2]))
+    vals = torch.cat(values).detach().double().cpu().numpy()
+    idx = torch.cat(index).numpy() if carry_index else np.arange(n)
+    return LoaderInfluence(values=vals, index=idx.astype(np.int64), carried=carry_index)

@@ -121,7 +121,7 @@ def check_validation(r: dict[str, Any]) -> None:
 def check_own_model(r: dict[str, Any]) -> None:
     # The template chapter on its example model: every ground truth scored with intervals, the noise ceiling, and
     # the known-answer check (last layer alone, exact leave-one-out) that the pipeline pairs points correctly.
-    from helpers.own_model import TRUTH_TAGS
+    from helpers.experiments.own_model import TRUTH_TAGS
 
     for tag in TRUTH_TAGS.values():
         for m in ("pearson", "spearman"):
@@ -131,7 +131,7 @@ def check_own_model(r: dict[str, Any]) -> None:
     assert 0 <= r["ceiling_single"] <= r["ceiling"] <= 1
     assert r["known_pearson"] > 0.99 and r["pbrf_gn_pearson"] > 0.8
     # the known answer passes on values too (slope and relative error within their margins, from intervals)
-    from helpers.own_model import KNOWN_RELATIVE_ERROR_OK, KNOWN_SLOPE_BAND
+    from helpers.experiments.own_model import KNOWN_RELATIVE_ERROR_OK, KNOWN_SLOPE_BAND
 
     assert 1 / KNOWN_SLOPE_BAND < r["known_slope_low"] <= r["known_slope_high"] < KNOWN_SLOPE_BAND
     assert r["known_relative_error_high"] < KNOWN_RELATIVE_ERROR_OK
@@ -178,8 +178,9 @@ def test_smoke_book_renders_intro_with_figure_and_numbers(smoke_book: Path) -> N
 def test_smoke_book_has_api_reference_and_bibliography(smoke_book: Path) -> None:
     api = (smoke_book / "html" / "book" / "api.html").read_text()
     for name in ("influence.predict_removal", "retrain.warm_start", "curvature.hessian_operator", "cache.memoize",
-                 "train.Recipe", "convex.verify", "nonconvex.run_deep", "validation.run_protocols",
-                 "own_model.run_checklist", "dispatch.run_many"):
+                 "train.Recipe", "experiments.convex.verify", "experiments.nonconvex.run_deep",
+                 "experiments.validation.run_protocols", "experiments.own_model.run_checklist", "dispatch.run_many",
+                 "closed_form.removal_estimate", "stacked.fit_stack", "solvers.lissa_path", "influence.loader_influence"):
         assert f'id="helpers.{name}"' in api, f"API page lacks helpers.{name}"
     assert "Undefined substitution" not in api and "|ρ|" in api  # docstrings' absolute values survive
     bib = (smoke_book / "html" / "book" / "references.html").read_text()

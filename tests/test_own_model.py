@@ -1,4 +1,4 @@
-"""helpers.own_model and the template chapter book/own_model.ipynb, run on a model factory defined in this file.
+"""helpers.experiments.own_model and the template chapter book/own_model.ipynb, run on a model factory defined in this file.
 
 The factories below are reached as ``"tests.test_own_model:<name>"``. ``tests`` has no ``__init__.py``: it is a
 namespace package, importable whenever the repository root is on ``sys.path``. In this process the tests put it
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from helpers import build, data, metrics
-from helpers import own_model as O
-from helpers import validation as V
+from helpers.experiments import own_model as O
+from helpers.experiments import validation as V
 from helpers.train import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def test_build_model_wraps_a_model_without_last_layer(importable) -> None:
 
 def test_example_factory_is_the_residual_mlp() -> None:
     train, test = O.load_data("wine")
-    model = O.build_model(O.load_factory("helpers.own_model:example_factory"), train, O.n_classes_of(train, test))
+    model = O.build_model(O.load_factory("helpers.experiments.own_model:example_factory"), train, O.n_classes_of(train, test))
     assert isinstance(model, O.ResidualMLP) and model.last_layer is model.out
     assert sum(p.numel() for p in model.parameters()) == 393  # small enough for the dense Hessian (d <= 500)
 
@@ -517,7 +517,7 @@ def test_chapter_on_a_small_cnn_stays_under_4_gb(tmp_path: Path) -> None:
     ``unchunked_hvp_gb`` is the chapter's conservative estimate of it), so besides the issue's 4 GB the test holds the
     run to the budget plus 1 GB for the kernel itself (torch, the data, the notebook): a bound the unchunked assembly
     breaks."""
-    over = {"factory": "helpers.own_model:image_cnn_factory", "data": "digits", "n_train": 600, "epochs": 100,
+    over = {"factory": "helpers.experiments.own_model:image_cnn_factory", "data": "digits", "n_train": 600, "epochs": 100,
             "retrain_epochs": 30, "head_epochs": 30, "every": 10, "k": 8, "cold_k": 5, "n_seeds": 2,
             "n_bootstrap": 50}
     env = dict(os.environ, BOOK_MEMORY_GB="1", BOOK_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))

@@ -13,7 +13,6 @@ import torch
 from helpers import models, paper_data, plots, retrain, stacked
 from helpers.experiments import nonconvex
 from helpers.influence import predict_removal
-from helpers.objective import per_sample_losses
 from helpers.models import init_params
 from helpers.train import Recipe, fit, model_with
 

@@ -1,12 +1,14 @@
-"""helpers.validation: recorded trajectories vs retrain.warm_start, last-layer heads vs the full model, the
+"""helpers.experiments.validation: recorded trajectories vs retrain.warm_start, last-layer heads vs the full model, the
 shuffled-index pitfall vs the direct estimate, noise summaries vs metrics, 1/n scaling on exact leave-one-out."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from helpers import metrics, retrain, validation as V
+from helpers import influence, metrics, retrain
+from helpers.experiments import validation as V
 from helpers.influence import predict_removal
 from helpers.objective import per_sample_losses
 from helpers.retrain import GroundTruth
@@ -207,8 +209,8 @@ def test_loader_influence_fixed_matches_the_estimate_and_broken_is_a_permutation
     m = model_with(model, theta)
     est = predict_removal(m, train, (test[0][:1], test[1][:1]), l2=L2, damping=0.05)  # H has λ_min < 0
     direction = est.solve.x[:, 0]
-    fixed = V.loader_influence(m, train, direction, batch_size=8, seed=3, carry_index=True)
-    broken = V.loader_influence(m, train, direction, batch_size=8, seed=3, carry_index=False)
+    fixed = influence.loader_influence(m, train, direction, batch_size=8, seed=3, carry_index=True)
+    broken = influence.loader_influence(m, train, direction, batch_size=8, seed=3, carry_index=False)
     truth = est.values[0].numpy()
     np.testing.assert_allclose(fixed.by_dataset_index(), truth, rtol=1e-12, atol=1e-15)
     assert not np.array_equal(fixed.index, np.arange(30))  # the loader did shuffle
@@ -217,7 +219,7 @@ def test_loader_influence_fixed_matches_the_estimate_and_broken_is_a_permutation
     np.testing.assert_allclose(broken.by_dataset_index(), truth[fixed.index], rtol=1e-12, atol=1e-15)
     assert metrics.spearman(broken.by_dataset_index(), truth) < 0.9
     with pytest.raises(ValueError, match="direction"):
-        V.loader_influence(m, train, direction[:-1])
+        influence.loader_influence(m, train, direction[:-1])
 
 
 # ------------------------------------------------------------------------------------------ protocols
@@ -302,3 +304,95 @@ def test_depth_runs_match_a_separate_computation():
     gt = retrain.warm_start(m, theta, train, test, cand, re_r, cache=False, progress=False)
     assert runs.spearman.iloc[1] == pytest.approx(metrics.spearman(est[cand], gt.delta[0]), abs=1e-9)
     assert runs.drift.iloc[1] == pytest.approx(float(gt.drift[0]), abs=1e-10)
+
+
+# ------------------------------------------------------------------- the chapter's section functions
+
+
+@pytest.fixture()
+def book_out(tmp_path, monkeypatch):
+    """Records and figure data of the section functions go to a temporary folder; returns a reader of the records."""
+    import json
+
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path))
+    return lambda: json.loads((tmp_path / "records.json").read_text())
+
+
+def test_summary_display_table_shows_intervals_in_the_summary_order():
+    rows = [{"model": m, "ground_truth": gt, "estimate": "H+δ", "metric": met, "value": 0.5, "low": 0.25,
+             "high": 0.75, "ceiling": 0.912, "drift_ratio": 1.26, "n_outer": 3, "n_inner": 3}
+            for m in ("B model", "A model") for gt in ("warm all", "PBRF")
+            for met in ("pearson", "spearman", "relative_error", "scale_ratio", "kendall")]
+    table = V.summary_display_table(pd.DataFrame(rows))
+    assert list(table.columns) == ["pearson", "spearman", "relative_error", "scale_ratio", "ceiling", "drift_ratio",
+                                   "n_outer", "n_inner"]
+    assert table.index.tolist() == [("B model", "warm all", "H+δ"), ("B model", "PBRF", "H+δ"),
+                                    ("A model", "warm all", "H+δ"), ("A model", "PBRF", "H+δ")]  # not sorted
+    assert table.iloc[0].pearson == "+0.50 [+0.25, +0.75]"
+    assert table.iloc[0].ceiling == 0.91 and table.iloc[0].drift_ratio == pytest.approx(1.3)
+
+
+def test_noise_floor_records_are_the_medians_of_its_frame(book_out):
+    name = V.MODEL_NAMES["iris"]
+    noise = pd.DataFrame({"model": name, "kind": ["cold-start drift, per seed"] * 3
+                          + ["single-point effect |Δ_true| (cold, seed mean)"] * 2
+                          + ["warm-all drift, per recorded length"] * 2, "value": [1, 2, 9, 4, 6, 0.5, 0.7]})
+    V.record_noise_floor(noise, keys=["iris"])
+    rec = book_out()
+    assert rec["iris_cold_drift_median"] == 2 and rec["iris_cold_effect_median"] == 5
+    assert rec["iris_warm_drift_max"] == pytest.approx(0.7)
+    assert V.draw_noise_floor(noise).axes[0].get_xscale() == "log"
+
+
+def test_scaling_records_a_slope_of_minus_one_for_effects_like_one_over_n(book_out):
+    n = np.array([30, 60, 120])
+    scaling = pd.DataFrame([{"n": m, "removed": i, "test": 0, "delta_true": (i + 1) / m, "delta_pred": 1.1 * (i + 1) / m}
+                            for m in n for i in range(4)])
+    V.record_scaling(scaling, dataset="toy", k=4)
+    rec = book_out()
+    assert rec["scaling_slope"] == pytest.approx(-1.0) and rec["scaling_pair_slope_median"] == pytest.approx(-1.0)
+    assert rec["scaling_pair_slope_share_below"] == 1.0 and rec["scaling_pearson"] == pytest.approx(1.0)
+    ax = V.draw_scaling(scaling).axes[0]
+    assert ax.get_xlabel() == "training points n" and len(ax.get_lines()) == 3
+
+
+def test_fig4_records_the_numbers_its_figure_prints(book_out):
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=12)
+    scatter = pd.concat([pd.DataFrame({"panel": p, "estimate": s * true + 0.3 * rng.normal(size=12), "true": true})
+                         for p, s in [("book: Iris MLP", 1.0), ("book: MNIST MLP", 2.0),
+                                      ("paper: MNIST FC-128 (one run)", 50.0)]], ignore_index=True)
+    truths = {"mnist": {"warm_last": SimpleNamespace(drift=np.array([[0.0], [0.25]]))}}
+    deep = pd.DataFrame({"model": ["fc128", "fc128", "lenet"], "test_point": "max", "spearman": [0.5, 0.7, 0.0],
+                         "scale_ratio": [10.0, 30.0, 1.0]})
+    V.record_fig4(scatter, truths, deep)
+    rec = book_out()
+    iris = scatter[scatter.panel == "book: Iris MLP"]
+    assert rec["fig4_iris_spearman"] == pytest.approx(metrics.spearman(iris.estimate, iris.true))
+    assert rec["fig4_paper_ratio"] > 10 > rec["fig4_mnist_ratio"]
+    assert rec["mnist_last_drift"] == 0.25 and rec["paper_fc128_spearman"] == pytest.approx(0.6)
+    assert rec["paper_fc128_ratio"] == 20.0
+    fig = V.draw_fig4(scatter)
+    assert len(fig.axes) == 3
+    assert f"Spearman {rec['fig4_iris_spearman']:+.2f}" in fig.axes[0].texts[0].get_text()
+    assert len(fig.axes[2].get_lines()) == 0  # no diagonal where the scales differ by more than 10
+
+
+def test_paper_sections_record_tests_and_offsets(book_out):
+    from helpers import paper_data
+
+    runs = paper_data.iris_runs()
+    tests = V.paper_depth_tests(runs)
+    assert (tests.p_holm >= tests.p_anova - 1e-15).all() and (tests.p_holm <= 1).all()
+    V.record_paper_depth_tests(tests)
+    deep = paper_data.deep_run_summary(paper_data.deep_runs())
+    V.record_paper_lenet(deep)
+    rec = book_out()
+    assert rec["paper_regimes"] == runs[runs.sweep == "depth"].regime.nunique()
+    assert rec["paper_regimes_significant"] == rec["paper_regimes_significant_abs"] <= rec["paper_regimes"]
+    abs_l2 = tests[(tests.regime == "l2") & (tests.scale == "abs")].iloc[0]
+    assert rec["paper_l2_abs_p"] == pytest.approx(abs_l2.p_anova)
+    lo, hi = rec["paper_lenet_drift_to_spread"]
+    assert 0 < lo <= hi

@@ -1,7 +1,7 @@
 """Validate influence on your own model (the template chapter, ``book/own_model.ipynb``).
 
 Turns what a reader brings — a dataset name or a tensor file, and a model factory ``"module:function"`` — into a
-:class:`helpers.validation.Problem` and runs the checklist of chapter 3 on it::
+:class:`helpers.experiments.validation.Problem` and runs the checklist of chapter 3 on it::
 
     train, test = load_data("wine", seed=0)                       # or load_data("/path/tensors.pt")
     factory = load_factory("mypkg.models:make_net")
@@ -26,11 +26,11 @@ real-valued and finite, Y ``[n]`` integer labels in ``0 … C−1`` with every c
 The data are used as stored (no standardisation; named datasets are standardised by :func:`helpers.data.load`).
 
 What the checklist computes (every step memoised with :mod:`helpers.cache`): θ̂ by the recipe
-(:func:`helpers.validation.make_problem`: the max / median / random-loss test points, the exact-Hessian and the
-Gauss-Newton estimates), every ground truth of chapter 3 with its drift run (:func:`helpers.validation.run_protocols`:
+(:func:`helpers.experiments.validation.make_problem`: the max / median / random-loss test points, the exact-Hessian and the
+Gauss-Newton estimates), every ground truth of chapter 3 with its drift run (:func:`helpers.experiments.validation.run_protocols`:
 cold start over seeds, warm start on all layers recorded along the way, warm start on the last layer, the PBRF),
-the agreement table with bootstrap intervals (:func:`helpers.validation.side_by_side`), the selection grid
-(:func:`helpers.validation.selection_grid`) and a known-answer test of the pipeline on the convex last layer.
+the agreement table with bootstrap intervals (:func:`helpers.experiments.validation.side_by_side`), the selection grid
+(:func:`helpers.experiments.validation.selection_grid`) and a known-answer test of the pipeline on the convex last layer.
 
 **Verdicts come from intervals.** Every checklist item held to a margin compares the 95 % bootstrap interval of what
 was measured with that margin (:func:`interval_verdict`): pass, fail, or inconclusive when the interval straddles it —
@@ -55,7 +55,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from helpers import data as data_mod
 from helpers import metrics, retrain
-from helpers import validation as V
+from helpers.experiments import validation as V
 from helpers.influence import predict_removal
 from helpers.progress import progress_bar
 from helpers.solvers import NotPositiveDefiniteError
@@ -125,7 +125,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     """
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise ValueError(f"factory must be 'module:function' with exactly one colon, e.g. "
-                         f"'helpers.own_model:example_factory' or 'mypkg.models:make_net'; got {spec!r}")
+                         f"'helpers.experiments.own_model:example_factory' or 'mypkg.models:make_net'; got {spec!r}")
     mod_name, attr = (s.strip() for s in spec.split(":"))
     if not mod_name or not attr:
         raise ValueError(f"factory {spec!r} has an empty module or function part: write 'module:function'")
@@ -182,7 +182,7 @@ class LastLayerView(nn.Module):
     """A reader's model with ``last_layer`` pointing at its final ``nn.Linear``.
 
     Every helper that works on "the last layer" (estimates on ``params="last"``, the last-layer head of
-    :func:`helpers.validation.last_layer_problem`) reads ``model.last_layer``; a model without one is wrapped so
+    :func:`helpers.experiments.validation.last_layer_problem`) reads ``model.last_layer``; a model without one is wrapped so
     that it has it. The forward pass is the wrapped model's; parameters are prefixed ``net.``.
     """
 
@@ -303,7 +303,7 @@ def check_inputs(model: nn.Module, train: Data, test: Data) -> int:
     for part, data in parts.items():
         if not isinstance(data, (tuple, list)) or len(data) != 2 or not all(isinstance(t, Tensor) for t in data):
             raise TypeError(f"{part} must be a pair of tensors (x_{part}, y_{part}), got {type(data).__name__}: "
-                            "use helpers.own_model.load_data")
+                            "use helpers.experiments.own_model.load_data")
         x, y = data
         if x.is_complex() or not (x.is_floating_point() or _is_integer(x)):
             raise TypeError(f"x_{part} has dtype {x.dtype}; features must be real numbers (cast with x.double())")
@@ -367,7 +367,7 @@ class ResidualMLP(nn.Module):
 
 
 def example_factory(in_features: int, n_classes: int, width: int = 10, blocks: int = 2) -> ResidualMLP:
-    """The template chapter's default factory (``"helpers.own_model:example_factory"``): :class:`ResidualMLP`.
+    """The template chapter's default factory (``"helpers.experiments.own_model:example_factory"``): :class:`ResidualMLP`.
 
     With the defaults on ``wine`` (13 features, 3 classes): 393 parameters, small enough for the dense Hessian.
     """
@@ -376,7 +376,7 @@ def example_factory(in_features: int, n_classes: int, width: int = 10, blocks: i
 
 def image_cnn_factory(in_features: int, n_classes: int, width: int = 4, channels: int = 1,
                       activation: str = "tanh") -> nn.Module:
-    """A small convolutional factory for square images stored flat (``"helpers.own_model:image_cnn_factory"``).
+    """A small convolutional factory for square images stored flat (``"helpers.experiments.own_model:image_cnn_factory"``).
 
     Reads each sample's ``in_features = channels × side²`` numbers as a ``[channels, side, side]`` image and returns
     :func:`helpers.models.small_cnn` (two 3×3 convolutions of ``width`` channels with 2×2 average pooling, then one
@@ -517,7 +517,7 @@ class ChecklistResult:
     """What :func:`run_checklist` found.
 
     Attributes:
-        agreement: tidy table (:func:`helpers.validation.side_by_side`): one row per estimate × ground truth ×
+        agreement: tidy table (:func:`helpers.experiments.validation.side_by_side`): one row per estimate × ground truth ×
             metric with ``value, low, high`` (95 % paired bootstrap), ``n``, ``ceiling``, ``ceiling_single``,
             ``drift``, ``drift_ratio``, ``median_abs_delta``; max-loss test point.
         headline: flat dict of finite numbers: sizes, θ̂'s diagnostics, the damping δ used and the spectrum behind
@@ -530,13 +530,13 @@ class ChecklistResult:
         checks: the checklist: ``item, check, measured, value, margin, verdict``, one or more rows per item of
             chapter 3's checklist; ``value`` with its 95 % interval, ``verdict`` that interval against ``margin``
             (:func:`interval_verdict`: ``pass`` / ``fail`` / ``inconclusive``), or ``reported`` / ``not covered``.
-        selection: :func:`helpers.validation.selection_grid` against warm start on all layers.
+        selection: :func:`helpers.experiments.validation.selection_grid` against warm start on all layers.
         paths: Pearson and Spearman of the estimate with warm start on all layers at every recorded epoch.
         scatter: estimate and Δ_true per candidate and ground truth, with the noise band ``band`` (± nats) of that
             ground truth (figure data).
-        problem, truths, candidates: the fixed problem, the ground truths (:func:`helpers.validation.run_protocols`)
+        problem, truths, candidates: the fixed problem, the ground truths (:func:`helpers.experiments.validation.run_protocols`)
             and the candidates (training positions, largest ``|estimate|`` for the max-loss test point first).
-        lengths: the shorter warm-start lengths reported as ``warm all @ e`` rows (:func:`helpers.validation.retraining_lengths`).
+        lengths: the shorter warm-start lengths reported as ``warm all @ e`` rows (:func:`helpers.experiments.validation.retraining_lengths`).
     """
 
     agreement: pd.DataFrame
@@ -561,7 +561,7 @@ class ChecklistResult:
 
 
 def cold_name(n_seeds: int) -> str:
-    """The cold-start seed mean's name in the agreement table (:func:`helpers.validation.side_by_side`)."""
+    """The cold-start seed mean's name in the agreement table (:func:`helpers.experiments.validation.side_by_side`)."""
     return f"cold ({n_seeds} seeds)"
 
 
@@ -1090,7 +1090,7 @@ def prose(result: ChecklistResult) -> dict[str, str]:
                     + "); the estimate's values are biased towards zero in the directions it lifts")
         else:
             rule = (f"and the damping was set by hand to δ = {delta:.2g}"
-                    + (f", above λ_min: it shrinks every value of the estimate (set damping = \"auto\" to derive "
+                    + (", above λ_min: it shrinks every value of the estimate (set damping = \"auto\" to derive "
                        "it from the spectrum)" if lo > 0 and delta > lo else ""))
         out["hessian_verdict"] = f"{spec}, {rule}"
     else:
@@ -1166,3 +1166,105 @@ def prose(result: ChecklistResult) -> dict[str, str]:
         out["known_text"] = (f"the known-answer test did not run (it needs L2 > 0 and a last layer of at most "
                              f"{KNOWN_ANSWER_MAX_D:,} parameters)")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the chapter's cells call: records, figure data, tables and figures of one checklist result
+# ----------------------------------------------------------------------------------------------------------
+
+#: The figure-data files the chapter writes, and the :class:`ChecklistResult` frame behind each.
+FIGURE_DATA: tuple[tuple[str, str], ...] = (("checklist", "checks"), ("agreement", "agreement"),
+                                           ("scatter", "scatter"), ("correlation_by_length", "paths"),
+                                           ("selection", "selection"))
+
+
+def publish(result: ChecklistResult) -> dict[str, float]:
+    """Hand a checklist result to the build: record every headline number (:func:`record_headline`), glue every
+    outcome-dependent sentence of :func:`prose` (:func:`helpers.book.say`) and write the figure data of
+    :data:`FIGURE_DATA` (:func:`helpers.book.figure_data`). Returns the headline."""
+    from helpers import book
+
+    h = record_headline(result)
+    for key, text in prose(result).items():
+        book.say(key, text)
+    for name, attr in FIGURE_DATA:
+        book.figure_data(name, getattr(result, attr))
+    return h
+
+
+def scatter_figure(result: ChecklistResult, n_seeds: int) -> Any:
+    """One panel per ground truth: the fixed estimate against Δ_true for every candidate, the ground truth's noise
+    band shaded, and Pearson's correlation with its 95 % interval (from the headline). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    from helpers import plots
+
+    h = result.headline
+    panels = list(result.scatter.ground_truth.unique())
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4))
+    for ax, gt in zip(axes, panels):
+        d = result.scatter[result.scatter.ground_truth == gt]
+        plots.predicted_vs_actual(ax, d.delta_true.to_numpy(), d.estimate.to_numpy(), label="candidate")
+        ax.axvspan(-d.band.iloc[0], d.band.iloc[0], color="0.85", zorder=0, label="noise band")
+        est = d.estimate_kind.iloc[0]
+        tag = TRUTH_TAGS[(est, "cold" if gt == cold_name(n_seeds) else gt)]
+        ax.set(xlabel=f"actual Δ, {gt} (nats)", ylabel=f"estimate {est} (nats)" if ax is axes[0] else "")
+        ax.text(0.03, 0.97, f"Pearson {h[f'{tag}_pearson']:+.2f}\n[{h[f'{tag}_pearson_low']:+.2f}, "
+                f"{h[f'{tag}_pearson_high']:+.2f}]", transform=ax.transAxes, va="top", fontsize="x-small")
+    axes[-1].legend(loc="lower right", frameon=False, fontsize="x-small")
+    return fig
+
+
+def agreement_figure(result: ChecklistResult) -> Any:
+    """Left: Pearson's and Spearman's correlation of the fixed estimate with each ground truth (95 % intervals;
+    the noise ceiling for the cold starts; "warm all − drift" left out, its correlations are those of "warm all").
+    Right: both correlations with warm-start retraining on all layers at every recorded epoch, and the PBRF's
+    (Gauss-Newton + δ) Pearson for reference. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    h = result.headline
+    a = result.agreement
+    rows = a[["estimate", "ground_truth"]].drop_duplicates()
+    rows = rows[rows.ground_truth != "warm all − drift"].reset_index(drop=True)  # same correlations as "warm all"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    for j, (m, color) in enumerate([("pearson", "C0"), ("spearman", "C1")]):
+        for i, r in rows.iterrows():
+            s = a[(a.estimate == r.estimate) & (a.ground_truth == r.ground_truth) & (a.metric == m)].iloc[0]
+            ax.errorbar(s.value, i + (j - 0.5) * 0.3, xerr=np.clip([[s.value - s.low], [s.high - s.value]], 0, None),
+                        fmt="o", ms=4, color=color, label=m if i == 0 else None)
+            if m == "pearson" and r.ground_truth.startswith("cold"):
+                ax.plot([s.ceiling] * 2, [i - 0.4, i + 0.4], color="0.3", lw=2, label="ceiling" if i == 0 else None)
+    ax.axvline(0, color="0.6", lw=1)
+    ax.set(yticks=range(len(rows)), yticklabels=[f"{r.ground_truth} ({r.estimate})" for r in rows.itertuples()],
+           xlim=(-1.05, 1.05), xlabel="correlation of the fixed estimate with the ground truth")
+    ax.invert_yaxis()
+    ax.legend(loc="lower left", frameon=False, fontsize="x-small")
+    p = result.paths
+    ax2.plot(p.epoch, p.pearson, label="Pearson")
+    ax2.plot(p.epoch, p.spearman, label="Spearman")
+    ax2.axhline(h["pbrf_gn_pearson"], color="0.5", ls="--", lw=1, label="Pearson, PBRF (GN+δ)")
+    ax2.set(xlabel="warm-start retraining epoch (all layers)", ylabel="correlation with the estimate",
+            ylim=(min(-0.05, p[["pearson", "spearman"]].min().min() - 0.05), 1.02))
+    ax2.legend(loc="lower right", frameon=False, fontsize="x-small")
+    return fig
+
+
+def agreement_display(result: ChecklistResult) -> pd.DataFrame:
+    """The agreement table for display: one row per ground truth × estimate, one column per metric (Pearson,
+    Spearman, Kendall, sign agreement, top-k overlap, relative error) as ``value [95 % CI]`` (:func:`ci_text`),
+    then the noise ceiling and drift ratio (2 decimals) and the number of candidates ``n``."""
+    a = result.agreement
+    shown = a[a.metric.isin(["pearson", "spearman", "kendall", "sign_agreement", "top_k_overlap", "relative_error"])]
+    table = (shown.assign(text=shown.apply(lambda r: ci_text(r.metric, r.value, r.low, r.high), axis=1))
+             .pivot_table(index=["ground_truth", "estimate"], columns="metric", values="text", aggfunc="first",
+                          sort=False))
+    extra = shown.groupby(["ground_truth", "estimate"], sort=False)[["ceiling", "drift_ratio", "n"]].first()
+    return table.join(extra.round({"ceiling": 2, "drift_ratio": 2}))
+
+
+def selection_display(result: ChecklistResult) -> pd.DataFrame:
+    """Pearson's correlation with its 95 % interval (:func:`ci_text`) for each test point (rows) and candidate
+    selection (columns) of :attr:`ChecklistResult.selection`."""
+    sel = result.selection[result.selection.metric == "pearson"]
+    return (sel.assign(text=sel.apply(lambda r: ci_text(r.metric, r.value, r.low, r.high), axis=1))
+            .pivot_table(index="test_point", columns="candidates", values="text", aggfunc="first", sort=False))

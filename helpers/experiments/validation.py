@@ -1,4 +1,6 @@
-"""The validation procedure on trial (chapter 3): one model, one estimate, many ways of checking it.
+"""Chapter 3, "The validation procedure on trial" (``book/validation.ipynb``): one model, one estimate, many ways
+of checking it — orchestration of the engine's calls (:mod:`helpers.train`, :mod:`helpers.influence`,
+:mod:`helpers.retrain`, :mod:`helpers.metrics`).
 
 Everything here holds the trained model θ̂ and the influence estimate fixed and varies only what the estimate is
 compared with and how (STUDY.md §3–§4.3):
@@ -12,8 +14,9 @@ compared with and how (STUDY.md §3–§4.3):
   bootstrap interval, signed and absolute; :func:`noise_summary`: drift, seed noise and the reliability ceiling
   of a ground truth;
 * **single-point effects against n** — :func:`single_point_scaling`, :func:`loglog_slope`;
-* **the shuffled-index pitfall** — :class:`IndexedDataset`, :func:`loader_influence`: influence collected
-  through a shuffled ``DataLoader``, with and without the dataset index carried along;
+* **the shuffled-index pitfall** — :class:`helpers.influence.IndexedDataset`,
+  :func:`helpers.influence.loader_influence`: influence collected through a shuffled ``DataLoader``, with and
+  without the dataset index carried along;
 * **repetitions for statistics** — :func:`depth_runs`: the Iris depth sweep's per-run signed correlations, for
   the tests of :mod:`helpers.paper_data`.
 
@@ -34,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from helpers import metrics
 from helpers.cache import memoize
-from helpers.influence import per_sample_grads, predict_removal
+from helpers.curvature import hessian_operator, spectrum_summary
+from helpers.influence import predict_removal
 from helpers.models import logistic_regression
-from helpers.objective import param_names, per_sample_losses, removal_weights
+from helpers.objective import per_sample_losses, removal_weights
 from helpers.retrain import GroundTruth, Trajectory
 from helpers.train import Recipe, fit, fit_ensemble, model_with
 
@@ -288,13 +291,11 @@ def make_problem(name: str, model: nn.Module, recipe: Recipe, train: Data, test:
         delta = damping if damping == "auto" else float(damping)  # "auto": helpers.solvers.auto_damping
         if d <= 500 and delta != "auto":  # the curvature the estimate inverts: is θ̂ a minimum of it? (small d only;
             # "auto" damping reads the same spectrum from the dense H of its solve, below)
-            from helpers.curvature import hessian_operator
-
             P = {k: v.detach() for k, v in target.named_parameters()}
-            vals = torch.linalg.eigvalsh(hessian_operator(target, P, *tr, l2=recipe.weight_decay).dense())
-            out |= {"hessian_min_eig": float(vals[0]), "hessian_max_eig": float(vals[-1])}
-            if raise_damping and float(vals[0]) < 0 and delta <= -float(vals[0]):
-                delta = -2.0 * float(vals[0])  # H + δI positive definite with margin: its smallest eigenvalue −λ_min
+            spec = spectrum_summary(hessian_operator(target, P, *tr, l2=recipe.weight_decay), method="dense")
+            out |= {"hessian_min_eig": spec.bottom, "hessian_max_eig": spec.top}
+            if raise_damping and spec.bottom < 0 and delta <= -spec.bottom:
+                delta = -2.0 * spec.bottom  # H + δI positive definite with margin: its smallest eigenvalue −λ_min
         est = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=delta)
         est_gn = predict_removal(target, tr, te, l2=recipe.weight_decay, damping=gn_damping,
                                  hessian="gauss_newton")
@@ -872,82 +873,6 @@ def loglog_slope(x: Any, y: Any, confidence: float = 0.95) -> dict[str, float]:
             "intercept": float(fit.intercept), "r2": float(fit.rvalue ** 2)}
 
 
-# --------------------------------------------------------------------------- the shuffled-index pitfall
-
-
-class IndexedDataset(Dataset):
-    """A dataset of ``(x_i, y_i, i)``: each sample carries its dataset index through any loader and shuffle —
-    the fix for the shuffled-index pitfall (STUDY.md §3 problem 1)."""
-
-    def __init__(self, x: Tensor, y: Tensor) -> None:
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
-        return self.x[i], self.y[i], i
-
-
-@dataclass
-class LoaderInfluence:
-    """Influence values in the order a ``DataLoader`` produced them.
-
-    Attributes:
-        values: ``[n]`` Δ_pred in loader order.
-        index: ``[n]`` what the pipeline believes is each value's dataset index: the carried index
-            (:class:`IndexedDataset`), or — the pitfall — the position in the loader's output.
-        carried: whether ``index`` was carried with the samples.
-    """
-
-    values: np.ndarray
-    index: np.ndarray
-    carried: bool
-
-    def by_dataset_index(self) -> np.ndarray:
-        """``[n]`` the values placed at the dataset indices the pipeline believes in (wrong if not carried)."""
-        out = np.empty_like(self.values)
-        out[self.index] = self.values
-        return out
-
-
-def loader_influence(model: nn.Module, train: Data, direction: Tensor, *, params: str | list[str] = "all",
-                     batch_size: int = 64, seed: int = 0, carry_index: bool = True,
-                     loss: str = "cross_entropy") -> LoaderInfluence:
-    """Per-sample influence computed batch by batch from a *shuffled* ``DataLoader`` over the training set.
-
-    value_i = (1/n) ∇ℓ(z_i, θ̂)ᵀ v with v = (H + δI)⁻¹ ∇ℓ(z_test, θ̂) (``direction``, flat in ``params`` order;
-    e.g. ``predict_removal(...).solve.x[:, 0]``), so the values equal :func:`helpers.influence.predict_removal`'s
-    — only their order differs. With ``carry_index=False`` the loader yields ``(x, y)`` and the position in its
-    output is all the pipeline has: using it as the dataset index is the seed paper's bug. With
-    ``carry_index=True`` the loader yields ``(x, y, i)`` (:class:`IndexedDataset`) and the index travels along.
-
-    Cost: n per-sample gradients (one vmapped pass per batch).
-    """
-    x, y = train
-    n = x.shape[0]
-    names = param_names(model, params)
-    P = {k: v.detach() for k, v in model.named_parameters() if k in names}
-    P = {k: P[k] for k in names}
-    d = sum(v.numel() for v in P.values())
-    if direction.shape != (d,):
-        raise ValueError(f"direction must be [{d}] (the flat parameters of {params!r}), got {tuple(direction.shape)}")
-    ds = IndexedDataset(x, y) if carry_index else TensorDataset(x, y)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    values, index = [], []
-    for batch in loader:
-        xb, yb = batch[0], batch[1]
-        g = per_sample_grads(model, P, xb, yb, loss)  # [b, d]
-        values.append((g @ direction.to(g)) / n)
-        if carry_index:
-            index.append(torch.as_tensor(batch[2]))
-    vals = torch.cat(values).detach().double().cpu().numpy()
-    idx = torch.cat(index).numpy() if carry_index else np.arange(n)
-    return LoaderInfluence(values=vals, index=idx.astype(np.int64), carried=carry_index)
-
-
 # ------------------------------------------------------------------------- repetitions across depths
 
 
@@ -1011,3 +936,774 @@ def depth_runs(depths: Sequence[int], reps: int, train: Data, test_point: Data, 
 
         frames.append(memoize("depth_runs", key, compute) if cache else compute())
     return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------- the chapter's sections: frames, records, figures
+#
+# What ``book/validation.ipynb`` calls, section by section: each function composes the engine calls above, writes
+# the figure data (:func:`helpers.book.figure_data`) and glues the numbers and sentences of the prose
+# (:func:`helpers.book.record`, :func:`helpers.book.say`) under the names the chapter's text uses. Figures are
+# returned, not glued: the chapter glues them under their names.
+
+#: the side-by-side cold-start row that must meet the convergence criterion before its ceiling is read
+COLD_WHAT = "cold start (every seed, with and without z_i)"
+
+
+def cold_name(n_seeds: int) -> str:
+    """The side-by-side name of the multi-seed cold-start ground truth, e.g. ``"cold (5 seeds)"``."""
+    return f"cold ({n_seeds} seeds)"
+
+
+def chapter_data(seed: int, *, mnist_n_train: int, mnist_n_test: int, cnn_n_train: int,
+                 cnn_pool: int) -> dict[str, tuple[Data, Data]]:
+    """The chapter's three data sets as ``{"iris" | "mnist" | "cnn": (train, test)}``: Iris (float64), a
+    ``mnist_n_train`` / ``mnist_n_test`` subsample of mnist5k flattened in float32, and a ``cnn_n_train`` subsample as
+    images average-pooled by ``cnn_pool`` (:func:`pool_images`) for the CNN. Splits drawn with ``seed``."""
+    from helpers import data as data_mod
+
+    iris = data_mod.load("iris", seed=seed)
+    mn = data_mod.load("mnist5k", seed=seed, n_train=mnist_n_train, n_test=mnist_n_test, standardize=False,
+                       dtype=torch.float32)
+    cn = data_mod.load("mnist5k", seed=seed, n_train=cnn_n_train, n_test=mnist_n_test, standardize=False,
+                       flatten=False)
+    cnn_train = (pool_images(cn.x_train, cnn_pool).float(), cn.y_train)
+    cnn_test = (pool_images(cn.x_test, cnn_pool).float(), cn.y_test)
+    return {"iris": (iris.train, iris.test), "mnist": (mn.train, mn.test), "cnn": (cnn_train, cnn_test)}
+
+
+def chapter_recipes(*, iris_lr: float, iris_epochs: int, iris_l2: float, mnist_epochs: int, cnn_epochs: int,
+                    batch_size: int) -> dict[str, Recipe]:
+    """θ̂'s training recipe per model key: Iris by full-batch Adam with a plateau schedule and coupled weight decay
+    ``iris_l2``; MNIST (AMSGrad, lr 1e-3) and the CNN (lr 1e-2) by mini-batch Adam in float32 with λ = 1e-3."""
+    return {"iris": Recipe(optimizer="adam", lr=iris_lr, epochs=iris_epochs, weight_decay=iris_l2,
+                           schedule="plateau", patience=100),
+            "mnist": Recipe(optimizer="adam", lr=1e-3, epochs=mnist_epochs, weight_decay=1e-3, amsgrad=True,
+                            batch_size=batch_size, dtype="float32"),
+            "cnn": Recipe(optimizer="adam", lr=1e-2, epochs=cnn_epochs, weight_decay=1e-3, batch_size=batch_size,
+                          dtype="float32")}
+
+
+def record_models(runs: dict[int, dict[str, Problem]], *, head_tol: float, iris_damping: float) -> pd.DataFrame:
+    """Record what is held fixed: the figure data ``models`` (every θ̂ of every architecture), the first θ̂'s sizes,
+    accuracies, gradient norms and Hessian eigenvalues, and the sentences on Iris's damping. ``runs``: θ̂ seed →
+    :func:`chapter_problems`. Returns the models table the chapter shows (rounded)."""
+    from helpers import book
+
+    first = runs[next(iter(runs))]
+    P_iris, P_mnist, P_cnn = first["iris"], first["mnist"], first["cnn"]
+    info = pd.DataFrame([{"model": p.name, "θ̂ seed": s} | p.info for s, probs in runs.items() for p in probs.values()])
+    book.figure_data("models", info.assign(note="hessian eigenvalues computed only for small estimates (NaN: not computed)"))
+    for key, p in first.items():
+        book.record(f"{key}_n_train", p.n_train)
+        book.record(f"{key}_acc_test", p.info["acc_test"], fmt="{:.2f}")
+        book.record(f"{key}_grad_norm", p.info["grad_norm"], fmt="{:.1e}")
+        book.record(f"{key}_head_grad_norm_before", p.info["head_grad_norm_before"], fmt="{:.1e}")
+        book.record(f"{key}_head_grad_norm", p.info["head_grad_norm"], fmt="{:.1e}")
+    book.record("iris_n_params", int(P_iris.info["n_params"]))
+    book.record("mnist_n_params_last", int(P_mnist.info["n_params_estimate"]))
+    book.record("iris_min_eig", P_iris.info["hessian_min_eig"], fmt="{:.1e}")
+    book.record("cnn_min_eig", P_cnn.info["hessian_min_eig"], fmt="{:.1e}")
+    book.say("n_theta", str(len(runs)))
+    book.say("head_tol", f"{head_tol:g}")
+    book.say("iris_min_eig_verdict", "θ̂ is not quite a minimum, which is why the exact-Hessian estimate carries a "
+             f"damping δ = {P_iris.damping:g}" if P_iris.info["hessian_min_eig"] < 0 else
+             f"positive, so θ̂ is a minimum; the estimate still carries the damping δ = {P_iris.damping:g}")
+    iris_deltas = sorted({float(probs["iris"].damping) for probs in runs.values()})
+    book.say("iris_damping_rule", f"δ = {iris_damping:g}, or 2·|λ_min| where θ̂ has a more negative eigenvalue (used: "
+             + ", ".join(f"{d:.3g}" for d in iris_deltas) + ")")
+    return (info[["model", "θ̂ seed", "n_params", "n_params_estimate", "acc_train", "acc_test", "grad_norm", "damping",
+                  "head_grad_norm_before", "head_grad_norm"]].rename(columns={"n_params_estimate": "params in estimate"})
+            .round(4))
+
+
+def selection_pools(problems: dict[str, Problem], k_select: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The wide pools the selection section compares rules on: every Iris training point, and
+    :func:`selection_pool` (``k_select``) for the other models."""
+    return {key: np.arange(p.n_train) if key == "iris" else selection_pool(p, k_select, seed=seed)
+            for key, p in problems.items()}
+
+
+def side_by_side_truths(runs: dict[int, dict[str, Problem]], k: int, pools: dict[str, np.ndarray],
+                        **protocol_settings: Any) -> tuple[dict, dict]:
+    """Every ground truth of every unit: for each θ̂ (``runs``) and model, the ``k`` largest |estimates| of the
+    max-loss test point as candidates and :func:`run_protocols` with :func:`chapter_protocols`
+    (``protocol_settings``). Only the first θ̂ runs the cheap protocol (Iris: warm all, else warm last) on its wide
+    pool (``pools``). Glues ``k``, ``top_k``, ``n_seeds``, ``cold_k``.
+
+    Returns ``(rep_candidates, rep_truths)``, both keyed by ``(θ̂ seed, model key)``."""
+    from helpers import book
+
+    first_seed = next(iter(runs))
+    rep_candidates, rep_truths = {}, {}
+    for s, probs in runs.items():
+        for key, p in probs.items():
+            rep_candidates[s, key] = select_candidates("estimate", k, estimate=p.estimate[0])
+            # the selection section compares rules on the first θ̂: only there the cheap protocol runs on a wide pool
+            first = s == first_seed
+            rep_truths[s, key] = run_protocols(p, rep_candidates[s, key],
+                                               chapter_protocols(key, p, s, **protocol_settings),
+                                               wide=pools[key] if first else None,
+                                               wide_protocols=("warm_all",) if key == "iris" else ("warm_last",))
+    book.say("k", str(k))
+    book.say("top_k", str(max(2, k // 5)))
+    book.say("n_seeds", str(protocol_settings["n_seeds"]))
+    book.say("cold_k", str(protocol_settings["cold_k"]))
+    return rep_candidates, rep_truths
+
+
+def side_by_side_frames(runs: dict[int, dict[str, Problem]], rep_truths: dict, rep_candidates: dict, *,
+                        n_resamples: int, seed: int, tol: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The side-by-side comparison over its units (θ̂ × test point): per-unit correlations (:func:`unit_rows`,
+    figure data ``summary_units``), their two-stage bootstrap summary (:func:`replicated_summary`,
+    ``summary_table``) and every compared model's convergence (:func:`convergence_table` at ``tol``,
+    ``convergence``). Returns ``(units, summary, convergence)``."""
+    from helpers import book
+
+    units = book.figure_data("summary_units", pd.concat(
+        [unit_rows(runs[s][key], rep_truths[s, key], rep_candidates[s, key], t=t,
+                   lengths=retraining_lengths(rep_truths[s, key]["warm_all"].epochs, drop_full=False))
+         .assign(theta_seed=s)
+         for s in runs for key in runs[s] for t in range(len(TEST_RULES))], ignore_index=True))
+    summary = book.figure_data("summary_table", replicated_summary(units, n_resamples=n_resamples, seed=seed))
+    convergence = book.figure_data("convergence", pd.concat(
+        [convergence_table(runs[s][key], rep_truths[s, key], tol=tol).assign(theta_seed=s)
+         for s in runs for key in runs[s]], ignore_index=True))
+    return units, summary, convergence
+
+
+def summary_display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The side-by-side summary as one row per (model, ground truth, estimate): Pearson, Spearman, relative error
+    and scale ratio as ``"value [low, high]"``, then the ceiling, the drift ratio and the numbers of units."""
+    from helpers import book
+
+    shown = summary[summary.metric.isin(["pearson", "spearman", "relative_error", "scale_ratio"])]
+    table = (shown.assign(text=book.ci_column(shown, "value", "{:+.2f}", low="low", high="high"))
+             .pivot_table(index=["model", "ground_truth", "estimate"], columns="metric", values="text",
+                          aggfunc="first", sort=False))
+    extra = shown.groupby(["model", "ground_truth", "estimate"], sort=False)[["ceiling", "drift_ratio", "n_outer",
+                                                                              "n_inner"]].first()
+    table = table.join(extra.round({"ceiling": 2, "drift_ratio": 1}))
+    rows_in_order = pd.MultiIndex.from_frame(shown[["model", "ground_truth", "estimate"]].drop_duplicates())
+    return table.reindex(rows_in_order)[["pearson", "spearman", "relative_error", "scale_ratio", "ceiling",
+                                         "drift_ratio", "n_outer", "n_inner"]]
+
+
+def record_side_by_side(summary: pd.DataFrame, units: pd.DataFrame, convergence: pd.DataFrame, *,
+                        keys: Sequence[str], n_seeds: int, n_resamples: int, seed: int) -> pd.DataFrame:
+    """Record the side-by-side numbers of the prose for the models ``keys``: each ground truth's Pearson and
+    Spearman with the H+δ estimate (and the PBRF's with GN+δ) with their intervals, the reliability ceilings, the
+    drift ratios, whether cold start converged (and the ceiling sentence that follows), the number of units, and
+    Bae et al.'s claim as a paired difference (figure data ``bae_paired``). Returns that paired-difference frame."""
+    from helpers import book
+
+    cold = cold_name(n_seeds)
+    met = convergence.groupby(["model", "what"], sort=False).met.all()
+    for key in keys:
+        of = summary[summary.model == MODEL_NAMES[key]]  # one row per (ground truth, estimate, metric)
+        for gt, tag in [(cold, "cold"), ("cold (1 seed)", "cold1"), ("warm all", "warm"),
+                        ("warm last", "last"), ("PBRF", "pbrf")]:
+            for m in ("pearson", "spearman"):
+                for col, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
+                    book.record(f"{key}_{tag}_{m}{suffix}", lookup(of, col, ground_truth=gt, estimate="H+δ", metric=m),
+                                fmt="{:+.2f}")
+        for col, suffix in (("value", ""), ("low", "_low")):
+            book.record(f"{key}_pbrf_gn_pearson{suffix}",
+                        lookup(of, col, ground_truth="PBRF", estimate="GN+δ", metric="pearson"), fmt="{:+.2f}")
+        for name, gt, col, fmt in [("ceiling", cold, "ceiling", "{:.2f}"), ("ceiling_single", "cold (1 seed)",
+                                   "ceiling", "{:.2f}"), ("warm_drift_ratio", "warm all", "drift_ratio", "{:.1f}"),
+                                   ("cold_drift_ratio", cold, "drift_ratio", "{:.1f}")]:
+            book.record(f"{key}_{name}", lookup(of, col, ground_truth=gt, estimate="H+δ", metric="pearson"), fmt=fmt)
+        conv_ok = bool(met[MODEL_NAMES[key], COLD_WHAT])
+        book.record(f"{key}_cold_converged", conv_ok)
+        worst = convergence[(convergence.model == MODEL_NAMES[key])
+                            & (convergence.what.str.startswith("cold"))].grad_norm_max.max()
+        ceil = {g: lookup(of, "ceiling", ground_truth=g, estimate="H+δ", metric="pearson")
+                for g in (cold, "cold (1 seed)")}
+        book.say(f"{key}_ceiling_text", (f"the seed noise alone caps any estimator's Pearson against the seed mean at "
+                                         f"{ceil[cold]:.2f} (one seed: {ceil['cold (1 seed)']:.2f})") if conv_ok else
+                 (f"its cold-start models stop at a gradient norm of up to {worst:.1e}, above the criterion, so the "
+                  "seed noise is partly optimisation noise and no ceiling is read"))
+    book.record("n_units", int(summary.n_outer.iloc[0] * summary.n_inner.iloc[0]))
+    book.say("n_units_text", str(int(summary.n_outer.iloc[0] * summary.n_inner.iloc[0])))
+    # Bae et al.'s claim as a paired comparison on the same units: PBRF against its Gauss-Newton estimate, minus
+    # cold-start retraining against the exact-Hessian estimate
+    bae = book.figure_data("bae_paired", paired_difference(units, ("PBRF", "GN+δ"), (cold, "H+δ"),
+                                                           n_resamples=n_resamples, seed=seed))
+    higher = bae[bae.verdict == "a higher"].model.tolist()
+    book.say("bae_verdict", "; ".join(f"{r.model}: {r.diff:+.2f} [{r.low:+.2f}, {r.high:+.2f}]"
+                                      for r in bae.itertuples()))
+    book.say("bae_count", f"{len(higher)} of {len(bae)}")
+    book.record("bae_models_pbrf_better", len(higher))
+    summary_ok = bool(np.isfinite(summary[["value", "low", "high", "ceiling"]].to_numpy()).all()
+                      and (summary.low <= summary.value + 1e-12).all() and (summary.value <= summary.high + 1e-12).all())
+    book.record("summary_rows", len(summary))
+    book.record("summary_finite_with_ci", summary_ok)
+    return bae
+
+
+def draw_side_by_side(units: pd.DataFrame, summary: pd.DataFrame, convergence: pd.DataFrame, *, n_seeds: int):
+    """The side-by-side figure: per model, each ground truth's Pearson and Spearman with the fixed estimate (GN+δ
+    for the PBRF, H+δ otherwise) — the units as faint dots, the mean with its interval, and the reliability ceiling
+    where the cold-start models meet the convergence criterion. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    order = ["cold (1 seed)", cold_name(n_seeds), "warm all", "warm all − drift", "warm last", "PBRF"]
+    met = convergence.groupby(["model", "what"], sort=False).met.all()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
+    for ax, (key, name) in zip(axes, MODEL_NAMES.items()):
+        for j, (m, color) in enumerate([("pearson", "C0"), ("spearman", "C1")]):
+            for i, gt in enumerate(order):
+                est = "GN+δ" if gt == "PBRF" else "H+δ"
+                y = i + (j - 0.5) * 0.34
+                pts = units[(units.model == name) & (units.ground_truth == gt) & (units.estimate == est)
+                            & (units.metric == m)].value
+                ax.scatter(pts, np.full(len(pts), y), s=7, color=color, alpha=0.35, lw=0)
+                r = summary[(summary.model == name) & (summary.ground_truth == gt) & (summary.estimate == est)
+                            & (summary.metric == m)].iloc[0]
+                ax.errorbar(r.value, y, xerr=np.clip([[r.value - r.low], [r.high - r.value]], 0, None), fmt="o",
+                            color=color, ms=4, label=m if i == 0 else None)
+                # the ceiling is read only where the cold-start models meet the convergence criterion
+                if m == "pearson" and gt.startswith("cold") and met[name, COLD_WHAT]:
+                    ax.plot([r.ceiling, r.ceiling], [i - 0.4, i + 0.4], color="0.3", lw=2)
+        ax.axvline(0, color="0.6", lw=1)
+        ax.set(yticks=range(len(order)), yticklabels=[o.replace("PBRF", "PBRF (GN+δ)") for o in order],
+               xlim=(-1.05, 1.05))
+        ax.set_title(name, fontsize="medium")
+        ax.invert_yaxis()
+    fig.supxlabel("correlation of the fixed estimate with the ground truth", fontsize="medium")
+    axes[0].legend(loc="lower left", frameon=False, fontsize="small")
+    return fig
+
+
+def noise_floor_frame(problems: dict[str, Problem], truths: dict[str, dict[str, Any]],
+                      candidates: dict[str, Sequence[int]]) -> pd.DataFrame:
+    """Single-point effects against the drift, per model (figure data ``noise_floor``): |Δ| of the candidates by
+    warm start (full length) and cold start (seed mean), the cold-start drift per seed and the warm-all and
+    warm-last drifts per recorded length, for the max-loss test point (values clipped at 1e-12 for the log scale)."""
+    from helpers import book
+
+    rows = []
+    for key, p in problems.items():
+        tr = truths[key]
+        cand = candidates[key]
+        cold = tr["cold"]
+        name = MODEL_NAMES[key]
+        rows += [{"model": name, "kind": "single-point effect |Δ_true| (warm all)", "value": abs(v)}
+                 for v in tr["warm_all"].delta[-1, 0, columns_of(tr["warm_all"].removed, cand)]]
+        rows += [{"model": name, "kind": "single-point effect |Δ_true| (cold, seed mean)", "value": abs(v)}
+                 for v in cold.delta[0]]
+        rows += [{"model": name, "kind": "cold-start drift, per seed", "value": abs(v)} for v in cold.drift[:, 0]]
+        rows += [{"model": name, "kind": "warm-all drift, per recorded length", "value": abs(v)}
+                 for v in tr["warm_all"].drift[1:, 0]]
+        rows += [{"model": name, "kind": "warm-last drift, per recorded length", "value": abs(v)}
+                 for v in tr["warm_last"].drift[1:, 0]]
+    return book.figure_data("noise_floor", pd.DataFrame(rows).assign(value=lambda d: d.value.clip(lower=1e-12)))
+
+
+def draw_noise_floor(noise: pd.DataFrame):
+    """The noise-floor strip plot of :func:`noise_floor_frame` (log scale, one row per model). Returns the Figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    sns.stripplot(noise, x="value", y="model", hue="kind", dodge=True, log_scale=True, size=3, alpha=0.7, ax=ax,
+                  jitter=0.25)
+    ax.set(xlabel="|change in the max-loss test point's loss| (nats, log scale)", ylabel="")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize="small")
+    return fig
+
+
+def record_noise_floor(noise: pd.DataFrame, keys: Sequence[str]) -> None:
+    """Record, per model key, the median cold-start drift, the median cold-start single-point effect and the largest
+    warm-all drift of :func:`noise_floor_frame`."""
+    from helpers import book
+
+    for key in keys:
+        g = noise[noise.model == MODEL_NAMES[key]]
+        eff = g[g.kind.str.startswith("single-point effect |Δ_true| (cold")].value.median()
+        book.record(f"{key}_cold_drift_median", g[g.kind == "cold-start drift, per seed"].value.median(), fmt="{:.2g}")
+        book.record(f"{key}_cold_effect_median", eff, fmt="{:.2g}")
+        book.record(f"{key}_warm_drift_max", g[g.kind == "warm-all drift, per recorded length"].value.max(),
+                    fmt="{:.2g}")
+
+
+def _scaling_medians(scaling: pd.DataFrame) -> pd.DataFrame:
+    return scaling.assign(abs_true=scaling.delta_true.abs(), abs_pred=scaling.delta_pred.abs()).groupby("n")[
+        ["abs_true", "abs_pred"]].median().reset_index()
+
+
+def draw_scaling(scaling: pd.DataFrame):
+    """Median |Δ_true| and |Δ_pred| of :func:`single_point_scaling` against n on log-log axes, with a 1/n reference
+    line through the first point. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    med = _scaling_medians(scaling)
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.loglog(med.n, med.abs_true, "o-", label="median |Δ_true| (leave-one-out)")
+    ax.loglog(med.n, med.abs_pred, "x--", label="median |Δ_pred| (influence)")
+    ref = med.abs_true.iloc[0] * med.n.iloc[0] / med.n
+    ax.loglog(med.n, ref, color="0.6", lw=1, label="∝ 1/n")
+    ax.set(xlabel="training points n", ylabel="single-point effect (nats)")
+    ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def record_scaling(scaling: pd.DataFrame, *, dataset: str, k: int) -> None:
+    """Record the scaling section's numbers: the log-log slope of the median |Δ_true| against n with its interval
+    (:func:`loglog_slope`), the median per-point slope and the share below −0.5 (:func:`pair_slopes`), and the
+    Pearson of Δ_pred with Δ_true; glue the data set's name and ``k``."""
+    from helpers import book
+
+    med = _scaling_medians(scaling)
+    slope = loglog_slope(med.n, med.abs_true)
+    pairs = pair_slopes(scaling)
+    book.say("scaling_dataset", dataset)
+    book.record("scaling_slope", slope["slope"], fmt="{:.2f}")
+    book.record("scaling_slope_low", slope["low"], fmt="{:.2f}")
+    book.record("scaling_slope_high", slope["high"], fmt="{:.2f}")
+    book.record("scaling_pair_slope_median", float(np.median(pairs)), fmt="{:.2f}")
+    book.record("scaling_pair_slope_share_below", float(np.mean(pairs < -0.5)), fmt="{:.0%}")
+    book.record("scaling_pearson", metrics.pearson(scaling.delta_pred, scaling.delta_true), fmt="{:.3f}")
+    book.say("scaling_k_text", str(k))
+
+
+def trajectory_frames(problems: dict[str, Problem], truths: dict[str, dict[str, Any]],
+                      candidates: dict[str, Sequence[int]],
+                      panels: Sequence[tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """For each ``(model key, warm-start protocol)`` panel: every candidate's Δ along the retraining
+    (:func:`trajectory_frame`, figure data ``trajectories``) and the estimate's correlation with Δ at each recorded
+    length (:func:`correlation_path`, ``correlation_by_length``). Returns ``(traj, paths)``."""
+    from helpers import book
+
+    traj = book.figure_data("trajectories", pd.concat([trajectory_frame(truths[k][w], candidates[k]).assign(
+        model=MODEL_NAMES[k], retrain=w) for k, w in panels], ignore_index=True))
+    paths = book.figure_data("correlation_by_length", pd.concat([correlation_path(
+        truths[k][w], problems[k].estimate[0], candidates[k]).assign(model=MODEL_NAMES[k], retrain=w)
+        for k, w in panels], ignore_index=True))
+    return traj, paths
+
+
+def draw_trajectories(traj: pd.DataFrame, paths: pd.DataFrame, panels: Sequence[tuple[str, str]]):
+    """Two rows per panel of :func:`trajectory_frames`: the candidates' Δ test loss against the retraining epoch
+    with the drift run in black (top), and Pearson and Spearman with the estimate by epoch (bottom). Returns the
+    Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), sharex="col")
+    for j, (key, which) in enumerate(panels):
+        ax = axes[0, j]
+        d = traj[(traj.model == MODEL_NAMES[key]) & (traj.retrain == which)]
+        for name, g in d.groupby("member", sort=False):
+            if name == "drift":
+                ax.plot(g.epoch, g.delta, color="black", lw=2, label="drift (nothing removed)")
+            else:
+                ax.plot(g.epoch, g.delta, color="C0", lw=0.6, alpha=0.5)
+        ax.axhline(0, color="0.6", lw=1)
+        ax.set(ylabel="Δ test loss (nats)" if j == 0 else None)
+        ax.text(0.02, 0.95, f"{MODEL_NAMES[key]}, {which.replace('_', ' ')}", transform=ax.transAxes, va="top",
+                fontsize="small")
+        ax = axes[1, j]
+        c = paths[(paths.model == MODEL_NAMES[key]) & (paths.retrain == which)]
+        ax.plot(c.epoch, c.pearson, label="Pearson")
+        ax.plot(c.epoch, c.spearman, label="Spearman")
+        ax.set(xlabel="retraining epoch", ylabel="correlation with the estimate" if j == 0 else None,
+               ylim=(-1.05, 1.05))
+    axes[0, 0].legend(loc="lower right", frameon=False, fontsize="small")
+    axes[1, 0].legend(loc="lower right", frameon=False, fontsize="small")
+    return fig
+
+
+def record_paths(paths: pd.DataFrame, panels: Sequence[tuple[str, str]]) -> None:
+    """Record the smallest and largest Pearson along each panel's retraining (:func:`trajectory_frames`)."""
+    from helpers import book
+
+    for key, which in panels:
+        c = paths[(paths.model == MODEL_NAMES[key]) & (paths.retrain == which)]
+        book.record(f"{key}_path_pearson_min", c.pearson.min(), fmt="{:+.2f}")
+        book.record(f"{key}_path_pearson_max", c.pearson.max(), fmt="{:+.2f}")
+
+
+#: the selection section's models and the protocol each is compared with on its wide pool
+SELECTION_PANELS: tuple[tuple[str, str], ...] = (("iris", "warm_all"), ("mnist", "warm_last"))
+#: the metrics the selection figure shows, and their tick labels
+SELECTION_METRICS: tuple[str, ...] = ("pearson", "spearman", "kendall", "sign_agreement", "top_k_overlap")
+
+
+def selection_frame(problems: dict[str, Problem], truths: dict[str, dict[str, Any]], pools: dict[str, np.ndarray],
+                    k_select: int, *, seed: int, n_resamples: int) -> pd.DataFrame:
+    """Candidate rules × test points on the first θ̂ (figure data ``selection``): for each model of
+    :data:`SELECTION_PANELS`, :func:`selection_grid` on the final retraining length's Δ over its wide pool, with
+    ``k_select`` candidates and top-k = max(2, k_select // 5)."""
+    from helpers import book
+
+    sel_rows = []
+    for key, which in SELECTION_PANELS:
+        tr = truths[key][which]
+        g = tr.at(int(tr.epochs[-1])) if hasattr(tr, "at") else tr
+        pool_cols = columns_of(g.removed, pools[key])
+        grid = selection_grid(problems[key], g.delta[:, pool_cols], pools[key], k_select, seed=seed,
+                              n_resamples=n_resamples, top_k=max(2, k_select // 5))
+        sel_rows.append(grid.assign(model=MODEL_NAMES[key]))
+    return book.figure_data("selection", pd.concat(sel_rows, ignore_index=True))
+
+
+def draw_selection(selection: pd.DataFrame):
+    """The selection figure: per model (rows) and test point (columns), each candidate rule's agreement metrics
+    (:data:`SELECTION_METRICS`) with their intervals. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    shown_m = list(SELECTION_METRICS)
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.8), sharey=True, layout="constrained")
+    for i, (key, _) in enumerate(SELECTION_PANELS):
+        for j, tname in enumerate(TEST_RULES):
+            ax = axes[i, j]
+            d = selection[(selection.model == MODEL_NAMES[key]) & (selection.test_point == tname)
+                          & selection.metric.isin(shown_m)]
+            for r_i, rule in enumerate(CANDIDATE_RULES):
+                s = d[d.candidates == rule].set_index("metric").loc[shown_m]
+                x = np.arange(len(shown_m)) + (r_i - 1) * 0.22
+                # BCa intervals need not contain the estimate: clip the bar lengths at 0
+                ax.errorbar(x, s.value, yerr=np.clip([s.value - s.low, s.high - s.value], 0, None), fmt="o", ms=4,
+                            color=f"C{r_i}", label=f"by {rule}" if (i, j) == (0, 0) else None)
+            ax.axhline(0, color="0.6", lw=1)
+            ax.set(xticks=range(len(shown_m)), xticklabels=["Pearson", "Spearman", "Kendall", "sign", "top-k"],
+                   ylim=(-1.05, 1.05))
+            ax.tick_params(axis="x", labelsize="small")
+            ax.text(0.02, 0.04, f"{MODEL_NAMES[key]}, {tname} test loss", transform=ax.transAxes, fontsize="small")
+    fig.legend(loc="outside lower center", ncols=3, frameon=False, fontsize="small", title="candidates selected",
+               title_fontsize="small")
+    axes[0, 0].set_ylabel("agreement")
+    axes[1, 0].set_ylabel("agreement")
+    return fig
+
+
+def record_selection(selection: pd.DataFrame, k_select: int) -> None:
+    """Record the selection section's Pearson per model, test point and rule, its range per model and its mean per
+    rule; glue ``k_select`` and its top-k."""
+    from helpers import book
+
+    book.say("k_select", str(k_select))
+    book.say("k_select_tenth", str(max(2, k_select // 5)))
+    for key, _ in SELECTION_PANELS:
+        for tname in TEST_RULES:
+            for rule in CANDIDATE_RULES:
+                book.record(f"sel_{key}_{tname}_{rule}", lookup(selection, model=MODEL_NAMES[key], test_point=tname,
+                                                                candidates=rule, metric="pearson"), fmt="{:+.2f}")
+        vals = selection[(selection.model == MODEL_NAMES[key]) & (selection.metric == "pearson")].value
+        book.record(f"sel_{key}_range", [float(vals.min()), float(vals.max())])
+        book.say(f"sel_{key}_min", f"{vals.min():+.2f}")
+        book.say(f"sel_{key}_max", f"{vals.max():+.2f}")
+    for rule in CANDIDATE_RULES:
+        v = selection[(selection.candidates == rule) & (selection.metric == "pearson")].value.mean()
+        book.record(f"sel_mean_{rule}", float(v), fmt="{:+.2f}")
+
+
+def fig4_values(problems: dict[str, Problem], truths: dict[str, dict[str, Any]],
+                candidates: dict[str, Sequence[int]]) -> pd.DataFrame:
+    """Estimate against actual Δ, the paper's Fig. 4 (figure data ``fig4_values``): the book's Iris MLP (warm all)
+    and MNIST MLP (warm last) candidates of the max-loss test point, and one repetition of the paper's MNIST
+    FC-128 (its −I_up,loss as the estimate)."""
+    from helpers import book, paper_data
+
+    fc = paper_data.deep_runs()
+    fc = fc[(fc.model == "fc128") & (fc.test_point == "max")]
+    rep0 = fc[fc.rep == fc.rep.min()]
+    scatter = []
+    for key, which in [("iris", "warm_all"), ("mnist", "warm_last")]:
+        tr = truths[key][which]
+        cols = columns_of(tr.removed, candidates[key])
+        scatter.append(pd.DataFrame({"panel": f"book: {MODEL_NAMES[key]}",
+                                     "estimate": problems[key].estimate[0, candidates[key]],
+                                     "true": tr.delta[-1, 0, cols]}))
+    scatter.append(pd.DataFrame({"panel": "paper: MNIST FC-128 (one run)", "estimate": -rep0.estimated.to_numpy(),
+                                 "true": rep0.true.to_numpy()}))
+    return book.figure_data("fig4_values", pd.concat(scatter, ignore_index=True))
+
+
+def _fig4_panel_stats(g: pd.DataFrame) -> tuple[float, float, float]:
+    """Spearman, Pearson and median |estimate| / median |Δ| of one panel of :func:`fig4_values`."""
+    rho, r = metrics.spearman(g.estimate, g.true), metrics.pearson(g.estimate, g.true)
+    ratio = np.median(np.abs(g.estimate)) / np.median(np.abs(g.true))
+    return rho, r, ratio
+
+
+def draw_fig4(scatter: pd.DataFrame):
+    """One scatter per panel of :func:`fig4_values` (estimate against actual Δ, the diagonal where the scales are
+    within a factor 10), annotated with Spearman, Pearson and the scale ratio. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for ax, (panel, g) in zip(axes, scatter.groupby("panel", sort=False)):
+        rho, r, ratio = _fig4_panel_stats(g)
+        ax.scatter(g.true, g.estimate, s=12, alpha=0.8)
+        ax.locator_params(axis="x", nbins=4)
+        lim = float(np.abs(np.r_[g.true, g.estimate]).max()) * 1.08
+        if ratio < 10:
+            ax.plot([-lim, lim], [-lim, lim], color="0.6", ls="--", lw=1)
+        ax.set(xlabel="actual Δ (nats)", ylabel="estimate" + (" (nats)" if panel.startswith("book") else " (−I_up,loss)"))
+        ax.text(0.03, 0.97, f"{panel}\nSpearman {rho:+.2f}, Pearson {r:+.2f}\nmedian |est| / median |Δ| = {ratio:.3g}",
+                transform=ax.transAxes, va="top", fontsize="small")
+    return fig
+
+
+def record_fig4(scatter: pd.DataFrame, truths: dict[str, dict[str, Any]], deep: pd.DataFrame) -> None:
+    """Record each Fig. 4 panel's Spearman and scale ratio, the MNIST last-layer drift, and the paper's FC-128 mean
+    Spearman and median scale ratio (``deep``: :func:`helpers.paper_data.deep_run_summary`)."""
+    from helpers import book
+
+    for panel, g in scatter.groupby("panel", sort=False):
+        rho, _, ratio = _fig4_panel_stats(g)
+        key = {"book: Iris MLP": "fig4_iris", "book: MNIST MLP": "fig4_mnist"}.get(panel, "fig4_paper")
+        book.record(f"{key}_spearman", rho, fmt="{:+.2f}")
+        book.record(f"{key}_ratio", float(ratio), fmt="{:.3g}")
+    book.record("mnist_last_drift", float(truths["mnist"]["warm_last"].drift[-1, 0]), fmt="{:+.2f}")
+    fc_sum = deep[(deep.model == "fc128") & (deep.test_point == "max")]
+    book.record("paper_fc128_spearman", fc_sum.spearman.mean(), fmt="{:+.2f}")
+    book.record("paper_fc128_ratio", fc_sum.scale_ratio.median(), fmt="{:.0f}")
+
+
+def abs_inflation_study(iris_runs: pd.DataFrame, deep: pd.DataFrame, *,
+                        seed: int) -> tuple[pd.DataFrame, dict, dict]:
+    """How much averaging |ρ| inflates the paper's correlations: mean |ρ| against mean signed ρ per setting of its
+    Iris runs and its deep runs (figure data ``abs_inflation``), the mean |ρ| of unrelated rankings of 25 and 40
+    points, and the records of the prose. Returns ``(inflation, null25, null40)``."""
+    from helpers import book, paper_data
+
+    infl_iris = paper_data.abs_inflation(iris_runs.dropna(subset=["spearman"]), ["sweep", "regime", "value"])
+    infl_deep = paper_data.abs_inflation(deep, ["dataset", "model", "test_point"])
+    null25 = paper_data.null_mean_abs_rho(paper_data.IRIS_CANDIDATES, seed=seed)
+    null40 = paper_data.null_mean_abs_rho(paper_data.DEEP_CANDIDATES, seed=seed)
+    inflation = book.figure_data("abs_inflation", pd.concat([
+        infl_iris.assign(source="Iris (Figs. 1, 3)",
+                         setting=lambda d: d.sweep + " " + d.regime + " " + d.value.astype(str)),
+        infl_deep.assign(source="MNIST / CIFAR-10 (Fig. 2)",
+                         setting=lambda d: d.dataset + " " + d.model + " " + d.test_point),
+    ], ignore_index=True)[["source", "setting", "mean_signed", "mean_abs", "inflation", "fraction_negative", "n"]])
+    book.record("null_abs_rho_25", null25["mean_abs"], fmt="{:.2f}")
+    book.record("null_abs_rho_40", null40["mean_abs"], fmt="{:.2f}")
+    book.record("iris_runs_fraction_negative_max", infl_iris.fraction_negative.max(), fmt="{:.0%}")
+    book.record("iris_runs_fraction_negative_min", infl_iris.fraction_negative.min(), fmt="{:.0%}")
+    book.record("iris_runs_inflation_max", infl_iris.inflation.max(), fmt="{:.2f}")
+    cnn_like = infl_deep[infl_deep.model.isin(["lenet", "vgg13", "bnn_lenet"])]
+    book.record("deep_conv_mean_abs_range", [float(cnn_like.mean_abs.min()), float(cnn_like.mean_abs.max())])
+    book.record("deep_conv_mean_signed_range", [float(cnn_like.mean_signed.min()), float(cnn_like.mean_signed.max())])
+    book.say("deep_conv_mean_abs_text", f"{cnn_like.mean_abs.min():.2f}–{cnn_like.mean_abs.max():.2f}")
+    book.say("deep_conv_mean_signed_text", f"{cnn_like.mean_signed.min():+.2f} to {cnn_like.mean_signed.max():+.2f}")
+    nol2 = infl_iris[(infl_iris.sweep == "depth") & (infl_iris.regime == "nol2")]
+    book.record("paper_nol2_mean_abs", nol2.mean_abs.mean(), fmt="{:.2f}")
+    book.record("paper_nol2_mean_signed", nol2.mean_signed.mean(), fmt="{:+.2f}")
+    return inflation, null25, null40
+
+
+def draw_inflation(inflation: pd.DataFrame, null25: dict, null40: dict):
+    """Mean |ρ| against mean signed ρ per setting of :func:`abs_inflation_study`, with the diagonal and the
+    no-information levels of 25 and 40 points. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    for i, (src, g) in enumerate(inflation.groupby("source", sort=False)):
+        ax.scatter(g.mean_signed, g.mean_abs, s=14, alpha=0.8, color=f"C{i}", label=src)
+    ax.plot([-0.2, 1], [-0.2, 1], color="0.6", ls="--", lw=1, label="|ρ| = ρ")
+    ax.axhline(null25["mean_abs"], color="C0", lw=1, ls=":", label="mean |ρ| of unrelated rankings, n = 25")
+    ax.axhline(null40["mean_abs"], color="C1", lw=1, ls=":", label="… n = 40")
+    ax.set(xlabel="mean signed ρ over repetitions", ylabel="mean |ρ| over repetitions (what the paper plots)",
+           xlim=(-0.2, 1), ylim=(0, 1))
+    ax.legend(frameon=False, fontsize="x-small", loc="upper left")
+    return fig
+
+
+@dataclass
+class Pitfall:
+    """The shuffled-index pitfall on one last-layer problem (:func:`shuffled_index_pitfall`).
+
+    ``broken_est`` / ``fixed_est``: the estimate of every training point, collected through a shuffled loader with
+    the loader position / the dataset index taken as the point's index; ``chosen``: the ``k`` points the broken
+    pipeline removes; ``runs``: their last-layer warm-start retraining (the paper's protocol); ``exact``: the same
+    removals retrained to convergence (Newton)."""
+
+    broken_est: np.ndarray
+    fixed_est: np.ndarray
+    chosen: np.ndarray
+    runs: GroundTruth
+    exact: GroundTruth
+
+
+def shuffled_index_pitfall(problem: Problem, k: int, *, batch_size: int, retrain_lr: float, head_epochs: int,
+                           seed: int) -> Pitfall:
+    """Influence collected through a shuffled ``DataLoader`` on ``problem``'s last layer for its max-loss test
+    point (:func:`helpers.influence.loader_influence`), with and without the dataset index carried; the ``k``
+    largest broken estimates are removed and the last layer retrained by Adam (``retrain_lr``, ``head_epochs``) and
+    to convergence. Records ``loader_fixed_max_error`` (fixed estimate against the direct one)."""
+    from helpers import book, influence, retrain
+
+    P = problem
+    inf = predict_removal(P.head, P.head_train, (P.head_test[0][:1], P.head_test[1][:1]), l2=P.l2)
+    direction = inf.solve.x[:, 0]
+    broken = influence.loader_influence(P.head, P.head_train, direction, batch_size=batch_size, seed=seed,
+                                        carry_index=False)
+    fixed = influence.loader_influence(P.head, P.head_train, direction, batch_size=batch_size, seed=seed,
+                                       carry_index=True)
+    broken_est, fixed_est = broken.by_dataset_index(), fixed.by_dataset_index()
+    book.record("loader_fixed_max_error", float(np.abs(fixed_est - P.estimate[0]).max()), fmt="{:.1e}")
+    chosen = select_candidates("estimate", k, estimate=broken_est)   # what the broken pipeline removes
+    runs = retrain.warm_start(P.head, None, P.head_train, P.head_test, chosen,
+                              Recipe(optimizer="adam", lr=retrain_lr, epochs=head_epochs, weight_decay=P.l2),
+                              progress=False)
+    # the same removals with the last layer retrained to convergence (Newton, convex): exact last-layer leave-one-out
+    exact = retrain.warm_start(P.head, None, P.head_train, P.head_test, chosen,
+                               Recipe(optimizer="newton", weight_decay=P.l2, tol=1e-10, max_iter=50), progress=False)
+    return Pitfall(broken_est=broken_est, fixed_est=fixed_est, chosen=chosen, runs=runs, exact=exact)
+
+
+def record_pitfall(pitfall: Pitfall, *, n_resamples: int, seed: int) -> dict[str, Any]:
+    """Record the pitfall's Pearson and Spearman (bootstrap intervals) of the broken and the fixed estimates against
+    both retrainings, the warm start's drift and spread, whether the broken Spearman's interval contains zero, and
+    the figure data ``pitfall``. Returns ``{"broken_spearman": ρ, "broken_spearman_ci": (low, high), …}``."""
+    from helpers import book
+
+    chosen, true, exact = pitfall.chosen, pitfall.runs.delta[0], pitfall.exact
+    pit: dict[str, Any] = {}
+    for gt_name, tv in [("", true), ("_exact", exact.delta[0])]:
+        for name, est in [("broken", pitfall.broken_est[chosen]), ("fixed", pitfall.fixed_est[chosen])]:
+            for m in ("pearson", "spearman"):
+                e, lo, hi = metrics.bootstrap_ci(m, est, tv, n_resamples=n_resamples, seed=seed)
+                pit[f"{name}{gt_name}_{m}"], pit[f"{name}{gt_name}_{m}_ci"] = e, (lo, hi)
+                book.record(f"pitfall_{name}{gt_name}_{m}", e, fmt="{:+.2f}")
+                book.record(f"pitfall_{name}{gt_name}_{m}_low", lo, fmt="{:+.2f}")
+                book.record(f"pitfall_{name}{gt_name}_{m}_high", hi, fmt="{:+.2f}")
+    book.record("pitfall_drift", float(pitfall.runs.drift[0]), fmt="{:+.2g}")
+    book.record("pitfall_spread", float(np.std(true, ddof=1)), fmt="{:.2g}")
+    lo, hi = pit["broken_spearman_ci"]
+    book.say("pitfall_broken_zero", "contains" if lo <= 0 <= hi else "excludes")
+    book.figure_data("pitfall", pd.DataFrame({"removed": chosen, "true_warm_last": true,
+                                              "true_exact": exact.delta[0], "broken_estimate": pitfall.broken_est[chosen],
+                                              "fixed_estimate": pitfall.fixed_est[chosen]}))
+    return pit
+
+
+def pitfall_vs_paper(pit: dict[str, Any]) -> pd.DataFrame:
+    """The paper's Fig. 2 mean |ρ| per model beside the book's broken and fixed |Spearman| of :func:`record_pitfall`
+    (figure data ``pitfall_vs_paper``)."""
+    from helpers import book, paper_data
+
+    paper2 = paper_data.read_reference("deep")
+    bars = pd.concat([paper2.assign(source="paper (mean |ρ|)", label=paper2.dataset + " " + paper2.model)[
+                          ["source", "label", "mean_abs_spearman"]],
+                      pd.DataFrame({"source": "book CNN (|ρ| of one run)", "label": ["book: broken", "book: fixed"],
+                                    "mean_abs_spearman": [abs(pit["broken_spearman"]), abs(pit["fixed_spearman"])]})],
+                     ignore_index=True)
+    return book.figure_data("pitfall_vs_paper", bars)
+
+
+def draw_pitfall(pitfall: Pitfall, bars: pd.DataFrame, null40: dict):
+    """The pitfall figure: the broken and the fixed estimates against both retrainings (each minus its drift),
+    and the |Spearman| bars of :func:`pitfall_vs_paper` with the no-information level of 40 points. Returns the
+    Figure."""
+    import matplotlib.pyplot as plt
+
+    chosen, true, exact, runs = pitfall.chosen, pitfall.runs.delta[0], pitfall.exact, pitfall.runs
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    for ax, (name, est) in zip(axes, [("broken: loader position as index", pitfall.broken_est[chosen]),
+                                      ("fixed: dataset index carried", pitfall.fixed_est[chosen])]):
+        ax.scatter(true - runs.drift[0], est, s=12, label="warm last − its drift")
+        ax.scatter(exact.delta_minus_drift[0], est, s=12, marker="x", label="to convergence − its drift")
+        ax.set(xlabel="actual Δ (nats), same removals", ylabel="estimate (nats)")
+        ax.text(0.03, 0.97, f"{name}\nSpearman {metrics.spearman(est, true):+.2f} (paper's protocol)\n"
+                f"Spearman {metrics.spearman(est, exact.delta[0]):+.2f} (to convergence)", transform=ax.transAxes,
+                va="top", fontsize="x-small")
+    axes[1].legend(loc="lower right", frameon=False, fontsize="x-small")
+    ax = axes[2]
+    colors = ["0.6" if s.startswith("paper") else "C3" for s in bars.source]
+    ax.barh(bars.label, bars.mean_abs_spearman, color=colors)
+    ax.axvline(null40["mean_abs"], color="black", ls=":", lw=1, label="unrelated rankings (n = 40)")
+    ax.set(xlabel="|Spearman|", xlim=(0, 1))
+    ax.invert_yaxis()
+    ax.legend(frameon=False, fontsize="x-small", loc="lower right")
+    return fig
+
+
+def record_paper_lenet(deep: pd.DataFrame) -> None:
+    """Record the paper's LeNet max-loss runs' common offset (drift) per data set, their spread between removed
+    points, and the offset-to-spread ratio (as a number range and as a sentence)."""
+    from helpers import book
+
+    lenet = deep[(deep.model == "lenet") & (deep.test_point == "max")].groupby("dataset")[["drift", "spread"]].mean()
+    book.record("paper_lenet_mnist_drift", lenet.loc["mnist", "drift"], fmt="{:+.2f}")
+    book.record("paper_lenet_cifar_drift", lenet.loc["cifar10", "drift"], fmt="{:+.2f}")
+    book.record("paper_lenet_spread", lenet.spread.mean(), fmt="{:.2f}")
+    ratio = (lenet.drift.abs() / lenet.spread).to_numpy()  # offset against spread, per data set
+    book.record("paper_lenet_drift_to_spread", [float(ratio.min()), float(ratio.max())])
+    book.say("paper_lenet_ratio_text", f"{ratio.min():.0f} to {ratio.max():.0f} times")
+
+
+def paper_depth_tests(iris_runs: pd.DataFrame) -> pd.DataFrame:
+    """ANOVA and Kruskal–Wallis across depths on the paper's Iris runs, per regime and scale
+    (:func:`helpers.paper_data.depth_tests`), with Holm's correction over the regimes for each scale (column
+    ``p_holm``; figure data ``paper_depth_tests``)."""
+    from helpers import book, paper_data, stats
+
+    tests = paper_data.depth_tests(iris_runs)
+    # one test per regime: Holm's correction over the regimes, separately for |ρ| and for the signed ρ
+    tests["p_holm"] = tests.groupby("scale").p_anova.transform(lambda p: stats.holm(p.to_numpy()))
+    return book.figure_data("paper_depth_tests", tests)
+
+
+def record_paper_depth_tests(tests: pd.DataFrame) -> None:
+    """Record the L2 regime's tests on |ρ| and the signed ρ, and per scale the regimes whose corrected p is below
+    0.05 (a count and sentences listing them and the others) of :func:`paper_depth_tests`."""
+    from helpers import book
+
+    row = tests[(tests.regime == "l2") & (tests.scale == "abs")].iloc[0]
+    book.record("paper_l2_abs_p", row.p_anova, fmt="{:.1e}")
+    book.record("paper_l2_abs_eta2", row.eta2, fmt="{:.2f}")
+    book.record("paper_l2_abs_p_kw", row.p_kruskal, fmt="{:.1e}")
+    row = tests[(tests.regime == "l2") & (tests.scale == "signed")].iloc[0]
+    book.record("paper_l2_signed_p", row.p_anova, fmt="{:.1e}")
+    book.record("paper_l2_signed_eta2", row.eta2, fmt="{:.2f}")
+    for sc in ("abs", "signed"):
+        part = tests[tests.scale == sc]
+        book.record(f"paper_regimes_significant_{sc}", int((part.p_holm < 0.05).sum()))
+        book.say(f"paper_depth_cases_{sc}", "; ".join(f"{r.regime} p = {r.p_anova:.2g} (Holm {r.p_holm:.2g})"
+                                                      for r in part.itertuples()))
+        book.say(f"paper_depth_not_sig_{sc}", ", ".join(part[part.p_holm >= 0.05].regime) or "none")
+    book.record("paper_regimes_significant", int((tests[tests.scale == "abs"].p_holm < 0.05).sum()))
+    book.record("paper_regimes", int((tests.scale == "abs").sum()))
+
+
+def book_depth_tests(own: pd.DataFrame) -> pd.DataFrame:
+    """The book's own depth sweep (:func:`depth_runs`, figure data ``book_depth_runs``) tested across depths on the
+    signed ρ and on |ρ| (:func:`helpers.paper_data.group_test`, figure data ``book_depth_tests``), with its p-values
+    and effect sizes recorded. Returns the tests, one row per scale."""
+    from helpers import book, paper_data
+
+    book.figure_data("book_depth_runs", own)
+    own_tests = pd.DataFrame([{"scale": s} | paper_data.group_test(own.assign(v=own.spearman.abs() if s == "abs"
+                                                                              else own.spearman), "v", "depth")
+                              for s in ("signed", "abs")])
+    book.figure_data("book_depth_tests", own_tests)
+    for s in ("signed", "abs"):
+        r = own_tests[own_tests.scale == s].iloc[0]
+        book.record(f"book_depth_{s}_p", r.p_anova, fmt="{:.2g}")
+        book.record(f"book_depth_{s}_eta2", r.eta2, fmt="{:.2f}")
+        book.record(f"book_depth_{s}_p_kw", r.p_kruskal, fmt="{:.2g}")
+    book.record("book_depth_runs", len(own))
+    return own_tests
+
+
+def draw_depth(iris_runs: pd.DataFrame, own: pd.DataFrame, depth_reps: int):
+    """Signed Spearman per repetition against depth: the paper's L2 runs as boxes (left) and the book's own
+    ``depth_reps`` runs per depth with their mean and 95 % interval (right). Returns the Figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    paper_l2 = iris_runs[(iris_runs.sweep == "depth") & (iris_runs.regime == "l2")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    sns.boxplot(paper_l2, x="value", y="spearman", color="0.8", ax=axes[0], fliersize=2)
+    axes[0].set(xlabel="depth (paper, L2 regime, 50 runs each)", ylabel="signed Spearman")
+    sns.stripplot(own, x="depth", y="spearman", ax=axes[1], color="C3", size=4)
+    sns.pointplot(own, x="depth", y="spearman", ax=axes[1], color="black", errorbar=("ci", 95), markers="_",
+                  linestyles="none")
+    axes[1].set(xlabel=f"depth (book, {depth_reps} runs each)")
+    for ax in axes:
+        ax.axhline(0, color="0.6", lw=1)
+    return fig
