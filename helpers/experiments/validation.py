@@ -18,7 +18,10 @@ compared with and how (STUDY.md §3–§4.3):
   :func:`helpers.influence.loader_influence`: influence collected through a shuffled ``DataLoader``, with and
   without the dataset index carried along;
 * **repetitions for statistics** — :func:`depth_runs`: the Iris depth sweep's per-run signed correlations, for
-  the tests of :mod:`helpers.paper_data`.
+  the tests of :mod:`helpers.paper_data`;
+* **the chapter's sections** — what ``book/validation.ipynb`` calls: data and recipes (:func:`chapter_data`,
+  :func:`chapter_recipes`), then per section a function that builds its tidy frame (figure data), one that records
+  and glues its numbers (``record_*``) and one that draws its figure (``draw_*``, returning the Figure).
 
 Conventions are the book's (STUDY.md §1): Δ in loss units (nats), ``[n_test, n_removed]``, positive = removing
 the point raised the test loss. Expensive results are memoised with :mod:`helpers.cache`.
@@ -1228,6 +1231,7 @@ def record_noise_floor(noise: pd.DataFrame, keys: Sequence[str]) -> None:
 
 
 def _scaling_medians(scaling: pd.DataFrame) -> pd.DataFrame:
+    """Median |Δ_true| and |Δ_pred| per training-set size n of :func:`single_point_scaling`."""
     return scaling.assign(abs_true=scaling.delta_true.abs(), abs_pred=scaling.delta_pred.abs()).groupby("n")[
         ["abs_true", "abs_pred"]].median().reset_index()
 
