@@ -60,6 +60,13 @@ class GroundTruth:
         params: stacked member parameters ``{name: [members, ...]}`` when asked for (``keep_params=True``).
         trajectory: warm start with ``record_every`` / ``record_epochs``: the members' test losses recorded along
             the way (:class:`Trajectory`).
+        floor_epoch, epochs_run, lr: per member, where the recipe stops at the learning-rate floor
+            (:attr:`helpers.train.Recipe.stop_at_floor`): the epoch its plateau lr reached the floor (-1: never),
+            the epochs computed, and the final lr (layout of ``grad_norm``).
+
+    Many models at once (the stacked backend, :func:`helpers.stacked.retrain_stack`): each row of ``delta`` is one
+    model with its own test point and its own removals, so ``removed`` is ``[k, n_removed]``, ``drift`` and
+    ``ref_loss`` ``[k]``, ``grad_norm`` ``[k, n_removed + 1]`` and ``test_losses`` ``[n_removed + 1, k]``.
     """
 
     protocol: str
@@ -75,6 +82,9 @@ class GroundTruth:
     noise: np.ndarray | None = None
     params: dict[str, Tensor] | None = None
     trajectory: "Trajectory | None" = None
+    floor_epoch: np.ndarray | None = None
+    epochs_run: np.ndarray | None = None
+    lr: np.ndarray | None = None
 
     @property
     def delta_minus_drift(self) -> np.ndarray:

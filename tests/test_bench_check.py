@@ -1,7 +1,7 @@
 """``make bench`` cannot rot: every method of the peers harness runs on tiny P1 and P2 inside ``make test`` (issue 15).
 
 ``make bench`` (benchmarks/peers) takes an hour and needs the peers installed, so nothing used to run it between
-benchmark runs — and a renamed ``helpers`` function (``helpers.closed_form.test_losses``) broke it unnoticed. This
+benchmark runs — and a renamed ``helpers`` function (``helpers.convex.test_losses``, since renamed) broke it unnoticed. This
 test builds the tiny versions of both problems (:data:`benchmarks.peers.problems.TINY_SPECS`: 200 ``digits``
 images, 640 and 610 parameters) with the same code as the full ones, then runs every job of
 :func:`benchmarks.peers.run.jobs` — every helpers method, and every peer method in float64 and float32 whose

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -363,3 +364,80 @@ def test_fast_paths_of_the_benchmark_match_the_exact_answer(fitted):
                                     krylov_dim=10, backend="autodiff")
     assert ours.solve.iterations == ref.solve.iterations == 10
     assert torch.allclose(ours.values, ref.values, rtol=0, atol=1e-8 * float(ref.values.abs().max()))
+
+
+# ---------------------------------------------------------------------- the chapter's section functions
+
+
+def test_section_functions_record_what_the_prose_quotes(fitted, tmp_path, monkeypatch):
+    """The functions the chapter's cells call: each records its numbers (as computed from the frames it returns),
+    writes its figure data and returns a Figure with the chapter's labels."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("BOOK_CACHE_DIR", str(tmp_path / "cache"))
+    x, y, xt, yt, _ = fitted
+    main = convex.verify(x, y, xt, yt, l2=L2, tol=1e-12, n_high=2, n_random=1, n_extremes=8, n_uniform=10,
+                         snapshots=[1e-1, 1e-3, 1e-6], cache=False)
+    table = convex.compare(main.predicted, main.truth, main.points(), n_bootstrap=50)
+    convex.record_verification(main, table)
+    records = lambda: json.loads((tmp_path / "out" / "records.json").read_text())  # noqa: E731
+    rec = records()
+    assert rec["n_test_points"] == 3 and rec["n_cases"] == 6 and rec["n_retrained"] == len(main.truth.removed)
+    assert rec["min_pearson_uniform"] == table[table.set == "uniform"].pearson.min()
+    assert rec["pearson_extremes"] == table[table.set == "extremes"].pearson.tolist()
+
+    scatter, fig = convex.scatter_by_test_point(main, torch.arange(x.shape[0]) + 100, n_high=2)
+    assert len(scatter) == 3 * (8 + 10) and set(scatter.kind) == {"highest loss", "random"}
+    assert scatter.train_index.min() >= 100 and fig.axes[3].get_xlabel() == "actual change (nats)"
+    plt.close(fig)
+    assert list(convex.agreement_styler(table).data.columns)[:3] == ["test point", "points", "n"]
+    resolution = convex.rank_swaps(main)
+    assert len(resolution) == 6 and records()["worst_case"].startswith("test point ")
+
+    union = {"union": main.union()}
+    data, top = (x, y), (xt[main.test_points], yt[main.test_points])
+    exact_score = convex.compare(main.predicted, main.truth, union)
+    stopping, stopped, fig = convex.early_stopping(main, data, top, exact_score, l2=L2, seed=0)
+    assert sorted(stopped) == sorted(main.fit.snapshots) and len(stopping) == 3 * len(stopped)
+    assert fig.axes[0].get_xlabel() == "gradient norm where training stopped"
+    plt.close(fig)
+    nol2, fig = convex.l2_out_of_hessian(main, data, top, exact_score, l2=L2, dampings=[1e-4, 1e-2])
+    assert records()["nol2_smallest_damping"] == 1e-4
+    plt.close(fig)
+    damped, fig = convex.damping_sweep(main, data, top, exact_score, l2=L2, dampings=[1e-3, 1.0], seed=0)
+    assert records()["damping_largest_error"] == damped[damped.damping == 1.0].relative_error.median()
+    plt.close(fig)
+    budget, fig = convex.solver_budget_scores(main, data, top, exact_score, l2=L2, cg_iterations=[1, 50],
+                                              lissa_depths=[5], lissa_scales=[0.0, 25.0], arnoldi_ranks=[3])
+    rec = records()
+    assert {"cg_best_error", "lissa_best_error", "lissa_kl_best_error", "arnoldi_best_error"} <= set(rec)
+    assert rec["cg_enough"] == 50  # 50 CG steps on 18 unknowns: the exact solve
+    plt.close(fig)
+    selection, fig = convex.selection_curves(main, data, top, stopped, l2=L2, n_extremes=8, n_uniform=10)
+    assert sorted(selection.k.unique()) == [5] and records()["selection_broken"] == "cg, 5 iterations"
+    plt.close(fig)
+    free = convex.without_l2(main, x, y, n_classes=3, tol=1e-12, steps=20)
+    rec = records()
+    assert rec["free_converged"] == bool(free.converged)
+    assert rec["free_weight_norms"].keys() <= {"0.01", "0.001", "0.0001"}
+    assert f"{int(free.history[-1, 1])} " in rec["free_summary"] and "with a weight norm of" in rec["free_summary"]
+    written = {p.stem for p in (tmp_path / "out" / "data").glob("*.csv")}
+    assert written == {"convex_scatter", "convex_rank_resolution", "convex_early_stopping",
+                       "convex_early_stopping_vs_converged", "convex_l2_hessian", "convex_damping", "convex_solvers",
+                       "convex_selection", "convex_selection_diff"}
+
+
+def test_selection_verdict_names_every_k():
+    diffs = pd.DataFrame({"k": [5, 10, 20], "diff": [0.1, 0.0, -0.2], "low": [0.05, -0.1, -0.3],
+                          "high": [0.2, 0.1, -0.1], "verdict": ["a higher", "no difference resolved", "b higher"]})
+    sentence, at = convex._verdict(diffs)
+    assert at == {"a higher": [5], "b higher": [20], "no difference resolved": [10]}
+    assert sentence.startswith("the extremes score higher at k = 5; lower at k = 20; no difference is resolved at "
+                               "k = 10 (paired over test points")
+    assert "k = 20: -0.20 [-0.30, -0.10])" in sentence

@@ -535,3 +535,40 @@ def test_chapter_on_a_small_cnn_stays_under_4_gb(tmp_path: Path) -> None:
     assert r["unchunked_hvp_gb"] > r["memory_budget_gb"] == 1.0 and r["solver_fallback"] == 0
     assert r["known_pearson"] > 0.99 and r["pbrf_gn_pearson"] > 0.9
     assert r["checks_pass"] + r["checks_fail"] + r["checks_inconclusive"] == 11
+
+
+# ------------------------------------------------------------------------------- what the chapter's cells call
+
+
+def test_publish_figures_and_tables_of_a_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """publish records the whole headline and writes every figure-data file; the figure and table functions draw
+    one panel per ground truth and show every metric with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path))
+    t = tensors()
+    train, test = (t["x_train"], t["y_train"]), (t["x_test"], t["y_test"])
+    model = O.build_model(tiny_net, train, 3)
+    r = O.run_checklist(model, train, test, Recipe(optimizer="adam", lr=1e-2, epochs=40, weight_decay=1e-2),
+                        params="last", retrain_epochs=10, every=5, head_epochs=10, k=8, cold_k=5, n_seeds=2,
+                        n_bootstrap=50, cache=False, progress=False)
+    h = O.publish(r)
+    assert h is r.headline
+    assert json.loads((tmp_path / "records.json").read_text()).keys() == set(h)
+    assert {p.stem for p in (tmp_path / "data").glob("*.csv")} == {name for name, _ in O.FIGURE_DATA}
+    fig = O.ground_truth_scatter(r, 2)
+    assert len(fig.axes) == r.scatter.ground_truth.nunique()
+    assert fig.axes[0].get_xlabel().startswith("actual Δ, ")
+    plt.close(fig)
+    fig = O.agreement_figure(r)
+    assert fig.axes[1].get_xlabel() == "warm-start retraining epoch (all layers)"
+    plt.close(fig)
+    table = O.agreement_display(r)
+    assert {"pearson", "relative_error", "ceiling", "drift_ratio", "n"} <= set(table.columns)
+    assert table.loc[(O.cold_name(2), "H+δ"), "pearson"] == O.ci_text(
+        "pearson", r.pick(O.cold_name(2)), r.pick(O.cold_name(2), col="low"), r.pick(O.cold_name(2), col="high"))
+    sel = O.selection_display(r)
+    assert sel.shape[0] == r.selection.test_point.nunique() and sel.stack().str.contains(r"\[").all()

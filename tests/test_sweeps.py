@@ -460,3 +460,87 @@ def test_regime_gap_counts_disjoint_settings_and_says_which_side():
     assert nonconvex.regime_gap(df, "nol2")["n"] == 0
     with pytest.raises(ValueError, match="compare_bars"):
         nonconvex.regime_gap(df.drop(columns="separate_abs_spearman"), "bnn")
+
+
+# ---------------------------------------------------------------- the chapter's section functions (book/nonconvex.ipynb)
+
+
+def _paper_runs_as_book_runs(paper_runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's published Iris runs dressed as the book's: all-layer runs with the paper's estimator, and its
+    ``l2_toplayer`` runs as the last-layer protocol of ``l2`` (no drift: the paper did not measure it)."""
+    main = paper_runs[paper_runs.regime != "l2_toplayer"].assign(protocol="all_layers", estimator="paper")
+    top = paper_runs[paper_runs.regime == "l2_toplayer"].assign(regime="l2", protocol="last_layer", estimator="paper")
+    return pd.concat([main, top], ignore_index=True).assign(drift=0.0, drift_ratio=0.0)
+
+
+def _records(folder) -> dict:
+    import json
+
+    return json.loads((folder / "records.json").read_text())
+
+
+def test_fig1_section_of_the_papers_own_runs_matches_the_paper_everywhere(tmp_path, monkeypatch) -> None:
+    """Fed the paper's runs as the book's, the Fig. 1 section finds every bar equal to the paper's (no disjoint
+    interval, same shares of negative ρ), rebuilds ``l2_toplayer`` from the last-layer protocol and draws both
+    figures; its records say the same."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path))
+    paper_runs = paper_data.iris_runs()
+    runs = _paper_runs_as_book_runs(paper_runs)
+    stored = SimpleNamespace(runs=pd.DataFrame(), models=pd.DataFrame())
+    out = nonconvex.fig1_section(runs, stored, depths=[1, 8], widths=[8, 50], n_bootstrap=50, seed=0)
+    comparison = out["comparison"]
+    assert "l2_toplayer" in set(comparison.regime) and len(comparison) == len(paper_runs.groupby(["sweep", "regime",
+                                                                                                   "value"]))
+    assert np.allclose(comparison["diff_abs_spearman"], 0) and not comparison["separate_abs_spearman"].any()
+    for name in ("fig1_abs_fig", "fig1_signed_fig"):
+        assert isinstance(out[name], plt.Figure)
+        plt.close(out[name])
+    nonconvex.fig1_records(comparison, runs, out["paper_runs"], depths=[1, 8])
+    rec = _records(tmp_path)
+    assert rec["n_separate_abs"] == 0 and rec["n_compared"] == len(comparison)
+    assert rec["l2_shallow_abs"] == pytest.approx(rec["paper_l2_shallow_abs"])
+    assert rec["l2_deep_signed_low"] == pytest.approx(rec["paper_l2_deep_signed_low"])
+    assert (tmp_path / "data" / "fig1_bars.csv").exists() and (tmp_path / "data" / "fig1_comparison.csv").exists()
+
+
+def test_anova_section_gives_the_same_tests_for_the_same_runs(tmp_path, monkeypatch) -> None:
+    """The book's and the paper's one-way tests come from one function: the same runs on both sides give the same
+    p-values and effect sizes, and the table holds every (source, sweep, regime, column)."""
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path))
+    paper_runs = paper_data.iris_runs()
+    table = nonconvex.anova_section(paper_runs.assign(protocol="all_layers", estimator="paper"), paper_runs)
+    n_cases = len(paper_runs.groupby(["sweep", "regime"]))
+    assert len(table) == 2 * 2 * n_cases and set(table.source) == {"paper", "book"}
+    rec = _records(tmp_path)
+    for name in ("anova_p", "eta", "kw_p", "eps"):
+        assert rec[f"book_{name}"] == pytest.approx(rec[f"paper_{name}"])
+    assert rec["paper_n_tests"] == 2 * n_cases and 0 <= rec["paper_signed_sig"] <= rec["paper_signed_cases"]
+
+
+def test_drift_and_pearson_sections_record_shares_and_draw(tmp_path, monkeypatch) -> None:
+    """The drift section's share of runs whose drift exceeds the spread is the plain share (a family without
+    runs is recorded as not run), and the Pearson section's gap is Spearman minus Pearson; both return figures."""
+    from helpers import book
+
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path))
+    rng = np.random.default_rng(0)
+    rows = [{"sweep": "depth", "regime": reg, "value": v, "rep": r, "protocol": proto, "estimator": "paper"}
+            for reg in ("l2", "nol2") for v in (1, 2) for r in range(6) for proto in ("all_layers", "last_layer")]
+    runs = pd.DataFrame(rows).assign(spearman=rng.uniform(-1, 1, len(rows)), pearson=rng.uniform(-1, 1, len(rows)),
+                                     drift=rng.normal(size=len(rows)), delta_sd=rng.uniform(0.5, 1.5, len(rows)))
+    runs["drift_ratio"] = runs["drift"].abs() / runs["delta_sd"]
+    fig = nonconvex.drift_section(runs, n_bootstrap=50, seed=0)
+    assert fig.axes[0].get_yscale() == "log"
+    plt.close(fig)
+    rec = _records(tmp_path)
+    alll = runs[runs.protocol == "all_layers"]
+    assert rec["drift_exceeds_all"] == pytest.approx((alll["drift"].abs() > alll["delta_sd"]).mean())
+    assert rec["drift_ratio_all_median"] == pytest.approx(alll["drift_ratio"].median())
+    assert rec["drift_exceeds_all_bnn"] == book.NOT_RUN
+    fig = nonconvex.pearson_section(runs, paper_data.iris_runs(), n_bootstrap=50, seed=0)
+    plt.close(fig)
+    rec = _records(tmp_path)
+    book_all = alll.dropna()
+    assert rec["book_gap"] == pytest.approx((book_all["spearman"] - book_all["pearson"]).mean())

@@ -12,7 +12,7 @@ and the solvers of :mod:`helpers.solvers` — and returns tidy results and frame
 
 One function per section of the chapter composes these, records the numbers its prose quotes
 (:func:`helpers.book.record`), writes its figure data and returns its frame and Figure (the notebook glues it):
-:func:`record_verification`, :func:`scatter_figure`, :func:`agreement_table`, :func:`rank_resolution`,
+:func:`record_verification`, :func:`scatter_by_test_point`, :func:`agreement_styler`, :func:`rank_swaps`,
 :func:`other_objective`, :func:`verify_iris` / :func:`iris_figure`, :func:`early_stopping`, :func:`l2_sweep`,
 :func:`without_l2`, :func:`l2_out_of_hessian`, :func:`damping_sweep`, :func:`solver_budget_scores`,
 :func:`selection_curves`.
@@ -40,9 +40,9 @@ from helpers.retrain import GroundTruth, warm_start
 from helpers.solvers import lissa_path
 from helpers.train import Recipe, ToleranceFit, fit_to_tolerance
 
-__all__ = ["BudgetRun", "Verification", "agreement_table", "choose_test_points", "compare", "damping_sweep",
-           "early_stopping", "iris_figure", "l2_out_of_hessian", "l2_sweep", "other_objective", "rank_resolution",
-           "record_verification", "scatter_figure", "selection_curves", "solver_budget_scores", "solver_budgets",
+__all__ = ["BudgetRun", "Verification", "agreement_styler", "choose_test_points", "compare", "damping_sweep",
+           "early_stopping", "iris_figure", "l2_out_of_hessian", "l2_sweep", "other_objective", "rank_swaps",
+           "record_verification", "scatter_by_test_point", "selection_curves", "solver_budget_scores", "solver_budgets",
            "truth_at", "verify", "verify_iris", "without_l2"]
 
 
@@ -310,7 +310,7 @@ def _kind(t: int, n_high: int, T: int) -> str:
     return "highest loss" if t < min(n_high, T) else "random"
 
 
-def scatter_figure(main: Verification, idx_train: Any, *, n_high: int) -> tuple[pd.DataFrame, Any]:
+def scatter_by_test_point(main: Verification, idx_train: Any, *, n_high: int) -> tuple[pd.DataFrame, Any]:
     """Predicted against actual change per test point (columns) and point set (rows: extremes, uniform).
 
     Writes the figure data ``convex_scatter`` (columns ``test, kind, set, train_index, predicted, actual``;
@@ -342,7 +342,7 @@ def scatter_figure(main: Verification, idx_train: Any, *, n_high: int) -> tuple[
     return scatter, fig
 
 
-def agreement_table(table: pd.DataFrame) -> Any:
+def agreement_styler(table: pd.DataFrame) -> Any:
     """The agreement table for display: test point (from 1), point set, n, Pearson / Spearman / relative error
     each as ``value [95 % CI]`` and the median |actual| in nats; a pandas Styler without the index."""
     shown = table.copy()
@@ -354,7 +354,7 @@ def agreement_table(table: pd.DataFrame) -> Any:
         "median |actual| (nats)": [f"{v:.1e}" for v in shown["median_abs_true"]]}).style.hide(axis="index")
 
 
-def rank_resolution(main: Verification) -> pd.DataFrame:
+def rank_swaps(main: Verification) -> pd.DataFrame:
     """Why ranks swap: per test point and point set, Spearman's correlation, the median gap between neighbouring
     true effects (:func:`helpers.metrics.rank_resolution`) and the median per-point error of the estimate
     (:func:`helpers.metrics.pointwise_error`). Writes the figure data ``convex_rank_resolution``, records the

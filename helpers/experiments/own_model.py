@@ -45,6 +45,10 @@ where the dense H would not fit, the estimate is solved by CG, and the chapter s
 **Bad input, named.** :func:`check_inputs` runs before anything is trained: labels outside the model's classes, a
 feature shape the model cannot take, NaN features or wrong dtypes each get a one-line error naming the tensor and
 the fix.
+
+**What the chapter's cells call.** :func:`publish` records the headline, glues the verdicts and writes the figure
+data; :func:`ground_truth_scatter` and :func:`agreement_figure` draw the two figures; :func:`agreement_display` and
+:func:`selection_display` are the two tables.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from torch import Tensor, nn
 from helpers import data as data_mod
 from helpers import metrics, retrain
 from helpers.experiments import validation as V
+from helpers.experiments.validation import cold_name
 from helpers.influence import predict_removal
 from helpers.progress import progress_bar
 from helpers.solvers import NotPositiveDefiniteError
@@ -558,11 +563,6 @@ class ChecklistResult:
             raise KeyError(f"no single row for {estimate} vs {ground_truth!r}, {metric}: the ground truths are "
                            f"{sorted(a.ground_truth.unique())}")
         return float(row[col].iloc[0])
-
-
-def cold_name(n_seeds: int) -> str:
-    """The cold-start seed mean's name in the agreement table (:func:`helpers.experiments.validation.side_by_side`)."""
-    return f"cold ({n_seeds} seeds)"
 
 
 def run_checklist(model: nn.Module, train: Data, test: Data, recipe: Recipe, *, name: str = "your model",
@@ -1192,7 +1192,7 @@ def publish(result: ChecklistResult) -> dict[str, float]:
     return h
 
 
-def scatter_figure(result: ChecklistResult, n_seeds: int) -> Any:
+def ground_truth_scatter(result: ChecklistResult, n_seeds: int) -> Any:
     """One panel per ground truth: the fixed estimate against Δ_true for every candidate, the ground truth's noise
     band shaded, and Pearson's correlation with its 95 % interval (from the headline). Returns the Figure."""
     import matplotlib.pyplot as plt

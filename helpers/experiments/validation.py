@@ -566,7 +566,7 @@ def _side_by_side_pieces(problem: Problem, truths: dict[str, Any], removed: Sequ
     cold_c = np.asarray([i for i in removed if i in set(cold.removed.tolist())], dtype=np.int64)
     cg = sub(cold, cold_c)
     nc = noise_summary(cg, t)
-    pieces.append(("H+δ", f"cold ({len(cold.settings['seeds'])} seeds)", est[cold_c], cg.delta[t], nc))
+    pieces.append(("H+δ", cold_name(len(cold.settings['seeds'])), est[cold_c], cg.delta[t], nc))
     one = cg.delta_per_seed[0, t]
     ns = dict(nc, median_abs_delta=float(np.median(np.abs(one))), ceiling=nc["ceiling_single"])
     ns["drift_ratio"] = abs(ns["drift"]) / ns["median_abs_delta"]
