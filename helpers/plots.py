@@ -56,6 +56,32 @@ def predicted_vs_actual(ax: Axes, actual: np.ndarray, predicted: np.ndarray, *, 
     return ax
 
 
+def ci_points(ax: Axes, position: float | np.ndarray, value: float | np.ndarray, low: float | np.ndarray,
+              high: float | np.ndarray, *, horizontal: bool = True, **style) -> Axes:
+    """Points with their confidence intervals: the forest of the book's agreement figures.
+
+    ``horizontal``: values along x at heights ``position`` (a forest plot); else along y at ``position``.
+    Whisker lengths are clipped at 0: a BCa interval need not contain its estimate. ``style`` goes to
+    ``ax.errorbar`` (default ``fmt="o"``, ``ms=4``). Returns ``ax``.
+    """
+    value, low, high = (np.asarray(v, dtype=float) for v in (value, low, high))
+    err = np.clip(np.stack([np.atleast_1d(value - low), np.atleast_1d(high - value)]), 0, None)
+    style = {"fmt": "o", "ms": 4, **style}
+    if horizontal:
+        ax.errorbar(value, position, xerr=err, **style)
+    else:
+        ax.errorbar(position, value, yerr=err, **style)
+    return ax
+
+
+def ceiling_mark(ax: Axes, at: float, ceiling: float, *, horizontal: bool = True, label: str | None = None) -> Axes:
+    """A short bar across row ``at`` of a forest at ``ceiling``: the reliability ceiling a correlation with a noisy
+    ground truth cannot exceed (STUDY.md §4). Returns ``ax``."""
+    span = [at - 0.4, at + 0.4]
+    ax.plot(*(([ceiling] * 2, span) if horizontal else (span, [ceiling] * 2)), color="0.3", lw=2, label=label)
+    return ax
+
+
 def strip_by_group(ax: Axes, frame: pd.DataFrame, column: str, by: list[str], *, seed: int = 0) -> Axes:
     """One column of jittered dots per group of ``by`` (e.g. sweep × regime), with the group's median as a bar.
 

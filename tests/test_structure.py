@@ -120,3 +120,16 @@ def test_each_experiments_module_names_its_chapter() -> None:
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert f"book/{path.stem}.ipynb" in doc, f"helpers/experiments/{path.name}: its docstring names no chapter"
         assert (REPO / "book" / f"{path.stem}.ipynb").exists()
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "book").glob("*.ipynb")))
+def test_chapters_are_prose_with_a_few_calls(notebook: str) -> None:
+    """Code cells of at most 25 lines, a median of at most 12. The parameters cell is exempt from the 25: it lists
+    the chapter's knobs one per line, with what each does — the cell papermill overrides (``make chapter ARGS=…``)."""
+    cells = [c for c in json.loads((REPO / "book" / notebook).read_text())["cells"] if c["cell_type"] == "code"]
+    sizes = [len("".join(c["source"]).splitlines()) for c in cells]
+    long = [(i, n) for i, (c, n) in enumerate(zip(cells, sizes))
+            if n > 25 and "parameters" not in c["metadata"].get("tags", [])]
+    assert not long, f"{notebook}: code cells (index among code cells, lines) over 25 lines: {long}"
+    median = sorted(sizes)[len(sizes) // 2] if len(sizes) % 2 else sum(sorted(sizes)[len(sizes) // 2 - 1:][:2]) / 2
+    assert median <= 12, f"{notebook}: the median code cell has {median} lines (at most 12)"

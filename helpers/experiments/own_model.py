@@ -1222,6 +1222,8 @@ def agreement_figure(result: ChecklistResult) -> Any:
     (Gauss-Newton + δ) Pearson for reference. Returns the Figure."""
     import matplotlib.pyplot as plt
 
+    from helpers import plots
+
     h = result.headline
     a = result.agreement
     rows = a[["estimate", "ground_truth"]].drop_duplicates()
@@ -1230,10 +1232,9 @@ def agreement_figure(result: ChecklistResult) -> Any:
     for j, (m, color) in enumerate([("pearson", "C0"), ("spearman", "C1")]):
         for i, r in rows.iterrows():
             s = a[(a.estimate == r.estimate) & (a.ground_truth == r.ground_truth) & (a.metric == m)].iloc[0]
-            ax.errorbar(s.value, i + (j - 0.5) * 0.3, xerr=np.clip([[s.value - s.low], [s.high - s.value]], 0, None),
-                        fmt="o", ms=4, color=color, label=m if i == 0 else None)
+            plots.ci_points(ax, i + (j - 0.5) * 0.3, s.value, s.low, s.high, color=color, label=m if i == 0 else None)
             if m == "pearson" and r.ground_truth.startswith("cold"):
-                ax.plot([s.ceiling] * 2, [i - 0.4, i + 0.4], color="0.3", lw=2, label="ceiling" if i == 0 else None)
+                plots.ceiling_mark(ax, i, s.ceiling, label="ceiling" if i == 0 else None)
     ax.axvline(0, color="0.6", lw=1)
     ax.set(yticks=range(len(rows)), yticklabels=[f"{r.ground_truth} ({r.estimate})" for r in rows.itertuples()],
            xlim=(-1.05, 1.05), xlabel="correlation of the fixed estimate with the ground truth")

@@ -1150,6 +1150,8 @@ def draw_side_by_side(units: pd.DataFrame, summary: pd.DataFrame, convergence: p
     where the cold-start models meet the convergence criterion. Returns the Figure."""
     import matplotlib.pyplot as plt
 
+    from helpers import plots
+
     order = ["cold (1 seed)", cold_name(n_seeds), "warm all", "warm all − drift", "warm last", "PBRF"]
     met = convergence.groupby(["model", "what"], sort=False).met.all()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
@@ -1163,11 +1165,10 @@ def draw_side_by_side(units: pd.DataFrame, summary: pd.DataFrame, convergence: p
                 ax.scatter(pts, np.full(len(pts), y), s=7, color=color, alpha=0.35, lw=0)
                 r = summary[(summary.model == name) & (summary.ground_truth == gt) & (summary.estimate == est)
                             & (summary.metric == m)].iloc[0]
-                ax.errorbar(r.value, y, xerr=np.clip([[r.value - r.low], [r.high - r.value]], 0, None), fmt="o",
-                            color=color, ms=4, label=m if i == 0 else None)
+                plots.ci_points(ax, y, r.value, r.low, r.high, color=color, label=m if i == 0 else None)
                 # the ceiling is read only where the cold-start models meet the convergence criterion
                 if m == "pearson" and gt.startswith("cold") and met[name, COLD_WHAT]:
-                    ax.plot([r.ceiling, r.ceiling], [i - 0.4, i + 0.4], color="0.3", lw=2)
+                    plots.ceiling_mark(ax, i, r.ceiling)
         ax.axvline(0, color="0.6", lw=1)
         ax.set(yticks=range(len(order)), yticklabels=[o.replace("PBRF", "PBRF (GN+δ)") for o in order],
                xlim=(-1.05, 1.05))
@@ -1356,6 +1357,8 @@ def draw_selection(selection: pd.DataFrame):
     (:data:`SELECTION_METRICS`) with their intervals. Returns the Figure."""
     import matplotlib.pyplot as plt
 
+    from helpers import plots
+
     shown_m = list(SELECTION_METRICS)
     fig, axes = plt.subplots(2, 3, figsize=(11, 5.8), sharey=True, layout="constrained")
     for i, (key, _) in enumerate(SELECTION_PANELS):
@@ -1366,9 +1369,8 @@ def draw_selection(selection: pd.DataFrame):
             for r_i, rule in enumerate(CANDIDATE_RULES):
                 s = d[d.candidates == rule].set_index("metric").loc[shown_m]
                 x = np.arange(len(shown_m)) + (r_i - 1) * 0.22
-                # BCa intervals need not contain the estimate: clip the bar lengths at 0
-                ax.errorbar(x, s.value, yerr=np.clip([s.value - s.low, s.high - s.value], 0, None), fmt="o", ms=4,
-                            color=f"C{r_i}", label=f"by {rule}" if (i, j) == (0, 0) else None)
+                plots.ci_points(ax, x, s.value, s.low, s.high, horizontal=False, color=f"C{r_i}",
+                                label=f"by {rule}" if (i, j) == (0, 0) else None)
             ax.axhline(0, color="0.6", lw=1)
             ax.set(xticks=range(len(shown_m)), xticklabels=["Pearson", "Spearman", "Kendall", "sign", "top-k"],
                    ylim=(-1.05, 1.05))
