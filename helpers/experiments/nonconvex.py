@@ -33,6 +33,12 @@ removed, in nats, positive = the point helped), every truth the change of test l
 before, and every protocol reports its *drift*: the same retraining with nothing removed.
 
 Results are tidy :class:`pandas.DataFrame` s and are memoised with :func:`helpers.cache.memoize`.
+
+The chapter's sections
+----------------------
+What ``book/nonconvex.ipynb`` calls, one function (or two) per section, from :func:`loo_search_section` to
+:func:`fig2_section`: each composes the functions above, records the numbers its prose quotes
+(:mod:`helpers.book`) and returns the frames, tables and figures the chapter shows.
 """
 
 from __future__ import annotations
