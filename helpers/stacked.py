@@ -20,7 +20,7 @@ are :func:`helpers.solvers.solve`.
 * Training: :func:`fit_stack` → :class:`StackFit`.
 * Retraining (ground truth per member, with drift): :func:`retrain_stack` (all layers, warm start),
   :func:`retrain_last_layer` (a batched logistic regression on frozen features), :func:`retraining_curve`
-  → :class:`Retrained`.
+  → :class:`helpers.retrain.GroundTruth` (:func:`member_ground_truth`: one row per member).
 * Influence of the last layer for every member at once: :func:`last_layer_influence`,
   :func:`batched_last_layer_influence`, :func:`paper_inverse_influence`, :func:`bnn_last_layer_influence`, with
   the closed-form blocks :func:`softmax_layer_terms`.
@@ -44,6 +44,7 @@ from helpers import models
 from helpers.curvature import hessian_operator, spectrum_summary
 from helpers.influence import predict_removal
 from helpers.objective import removal_weights
+from helpers.retrain import GroundTruth
 from helpers.solvers import solve
 from helpers.train import MemberObjective, Recipe, model_with, train_ensemble
 
@@ -51,7 +52,7 @@ from helpers.train import MemberObjective, Recipe, model_with, train_ensemble
 __all__ = [
     "Stack",
     "StackFit",
-    "Retrained",
+    "member_ground_truth",
     "stack_objective",
     "stack_losses",
     "stack_member_losses",
@@ -402,11 +403,13 @@ def fit_stack(stack: Stack, members: pd.DataFrame, x: Tensor, y: Tensor, recipe:
 # ============================================================================================ retraining
 
 
-@dataclass
-class Retrained:
-    """Warm-started leave-one-out retraining of k members, m removals each, plus one drift run per member.
+def member_ground_truth(delta: np.ndarray, drift: np.ndarray, ref_loss: np.ndarray, grad_norm: np.ndarray,
+                        removed: np.ndarray, protocol: str, recipe: dict[str, Any], floor_epoch: np.ndarray,
+                        epochs_run: np.ndarray, lr: np.ndarray) -> GroundTruth:
+    """Warm-started leave-one-out retraining of k members, m removals each, plus one drift run per member, as
+    the engine's one result type :class:`helpers.retrain.GroundTruth` (one row per member).
 
-    Attributes:
+    Args:
         delta: ``[k, m]`` Δ_true = ℓ(z_test, θ₋ᵢ) − ℓ(z_test, θ̂) (nats; positive: removing i raised the test loss).
         drift: ``[k]`` the same retraining with nothing removed, minus ℓ(z_test, θ̂): what the protocol does by itself.
         ref_loss: ``[k]`` ℓ(z_test, θ̂); grad_norm ``[k, m + 1]`` final ‖∇‖ of every retraining (drift last).
@@ -414,17 +417,10 @@ class Retrained:
         floor_epoch, epochs_run: ``[k, m + 1]`` per retraining, the epoch its plateau lr reached the floor (-1:
             never) and the epochs computed (:attr:`helpers.train.Recipe.stop_at_floor`); lr ``[k, m + 1]`` final.
     """
-
-    delta: np.ndarray
-    drift: np.ndarray
-    ref_loss: np.ndarray
-    grad_norm: np.ndarray
-    removed: np.ndarray
-    protocol: str
-    recipe: dict[str, Any]
-    floor_epoch: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
-    epochs_run: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
-    lr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    test_losses = (np.concatenate([delta, drift[:, None]], axis=1) + ref_loss[:, None]).T
+    return GroundTruth(protocol=protocol, delta=delta, drift=drift, removed=removed, recipe=recipe,
+                       test_losses=test_losses, ref_loss=ref_loss, grad_norm=grad_norm, floor_epoch=floor_epoch,
+                       epochs_run=epochs_run, lr=lr)
 
 
 def _removal_rows(n: int, removed: np.ndarray, loo: str, dtype: torch.dtype) -> Tensor:
@@ -439,7 +435,7 @@ def _chunks(k: int, per_member: int, max_members: int) -> list[slice]:
 
 def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor], removed: np.ndarray,
                   recipe: Recipe, *, loo: str = "reaverage", var_floor: float = 1e-4, max_members: int = 4096,
-                  progress: bool = False, also_last: bool = False) -> Retrained | tuple[Retrained, Retrained]:
+                  progress: bool = False, also_last: bool = False) -> GroundTruth | tuple[GroundTruth, GroundTruth]:
     """All-layer warm-start retraining of every member without each of its ``removed`` points, and once without
     removing anything (drift), as ensembles of at most ``max_members`` members.
 
@@ -451,7 +447,7 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
     Args:
         removed: ``[k, m]`` training indices per member. test: ``(x_t [1, d], y_t [1])``, the shared test point.
         also_last: with an SWA recipe, also return the retraining *without* averaging (its last iterates: SWA
-            does not change the trajectory), as a second :class:`Retrained` with the SWA-free recipe.
+            does not change the trajectory), as a second :class:`~helpers.retrain.GroundTruth` with the SWA-free recipe.
     Cost: k·(m + 1) members for the recipe's epochs (until each one's floor with ``stop_at_floor``).
     """
     if also_last and recipe.swa_start is None:
@@ -507,8 +503,8 @@ def retrain_stack(fit: StackFit, x: Tensor, y: Tensor, test: tuple[Tensor, Tenso
                 else:  # the gradient norm at the last iterates, not at the average
                     gn[rows] = _stack_grad_norms(objective, final, aux, xc, yc).reshape(kk, m + 1)
             fe[rows], er[rows], lr[rows] = (a.reshape(kk, m + 1) for a in (res.floor_epoch, res.epochs_run, res.lr))
-    results = tuple(Retrained(*out[v], removed, "all_layers",
-                              (recipe if v == "params" else recipe.replace(swa_start=None)).to_dict(), fe, er, lr)
+    results = tuple(member_ground_truth(*out[v], removed, "all_layers",
+                                        (recipe if v == "params" else recipe.replace(swa_start=None)).to_dict(), fe, er, lr)
                     for v in views)
     return results if also_last else results[0]
 
@@ -551,7 +547,7 @@ def _linear_objective(n_classes: int) -> MemberObjective:
 def retrain_last_layer(features: Tensor, y: Tensor, weight: Tensor, bias: Tensor, lam: Sequence[float] | Tensor,
                        test_features: Tensor, test_y: Tensor, removed: np.ndarray, recipe: Recipe, *,
                        loo: str = "reaverage", max_members: int = 4096, max_elements: int = 2**28,
-                       progress: bool = False) -> Retrained:
+                       progress: bool = False) -> GroundTruth:
     """Warm-start retraining of the last layer only (the body frozen), batched over k models and their removals.
 
     With the body frozen, the last layer is a multinomial logistic regression on the features, so this is
@@ -611,7 +607,7 @@ def retrain_last_layer(features: Tensor, y: Tensor, weight: Tensor, bias: Tensor
         ref[sl] = refs
         gn[sl] = res.grad_norm.reshape(kk, m + 1)
         fe[sl], er[sl], lr[sl] = (a.reshape(kk, m + 1) for a in (res.floor_epoch, res.epochs_run, res.lr))
-    return Retrained(delta, drift, ref, gn, removed, "last_layer", recipe.to_dict(), fe, er, lr)
+    return member_ground_truth(delta, drift, ref, gn, removed, "last_layer", recipe.to_dict(), fe, er, lr)
 
 
 def retraining_curve(fit: StackFit, member: int, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor],

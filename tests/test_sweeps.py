@@ -138,6 +138,12 @@ def test_retrain_stack_is_helpers_warm_start(iris: nonconvex.IrisData) -> None:
         np.testing.assert_allclose(got.delta[j], want.delta[0], atol=1e-10, rtol=0)
         assert got.drift[j] == pytest.approx(want.drift[0], abs=1e-10)
         assert got.drift[j] != 0  # a fresh optimizer moves a model that is not at a minimum
+        # the engine's one result type, one row per member: its test losses are the warm start's own
+        np.testing.assert_allclose(got.test_losses[:, j], want.test_losses[:, 0], atol=1e-10, rtol=0)
+    assert isinstance(got, retrain.GroundTruth) and got.protocol == "all_layers"
+    np.testing.assert_array_equal(got.removed, removed)
+    np.testing.assert_allclose(got.delta_minus_drift, got.delta - got.drift[:, None])
+    assert got.floor_epoch.shape == got.grad_norm.shape == (2, 4)
 
 
 def test_retrain_last_layer_is_warm_start_on_the_features(iris: nonconvex.IrisData) -> None:

@@ -63,12 +63,13 @@ from helpers.cache import memoize
 from helpers.curvature import CurvatureOperator, extreme_eigenvalues
 from helpers.influence import predict_removal
 from helpers.objective import param_names
+from helpers.retrain import GroundTruth
 from helpers.solvers import solve
+from helpers.stacked import (Stack, StackFit, batched_last_layer_influence, bnn_last_layer_influence, fit_stack,
+                             lanczos_check, member_ground_truth, paper_inverse_influence, retrain_last_layer,
+                             retrain_stack, retraining_curve, softmax_layer_terms, stack_features,
+                             stack_hessian_spectra, stack_losses, stack_member_losses, stack_objective_at)
 from helpers.train import Recipe, fit_ensemble, floor_bound, model_with
-from helpers.stacked import (Retrained, Stack, StackFit, batched_last_layer_influence, bnn_last_layer_influence,
-                             fit_stack, lanczos_check, paper_inverse_influence, retrain_last_layer, retrain_stack,
-                             retraining_curve, softmax_layer_terms, stack_features, stack_hessian_spectra,
-                             stack_losses, stack_member_losses, stack_objective_at)
 
 __all__ = [
     "REGIMES", "Regime", "IrisData", "IrisSweepConfig", "IrisSweepResult", "DeepConfig", "DeepResult", "iris_data",
@@ -535,7 +536,7 @@ def _fit_shared(stack: Stack, members: pd.DataFrame, swa: np.ndarray, x: Tensor,
 
 
 def _retrain_shared(fit: StackFit, swa: np.ndarray, x: Tensor, y: Tensor, test: tuple[Tensor, Tensor],
-                    candidates: np.ndarray, config: IrisSweepConfig, progress: bool) -> Retrained:
+                    candidates: np.ndarray, config: IrisSweepConfig, progress: bool) -> GroundTruth:
     """All-layer warm-start retraining of every member, SWA regimes with the SWA recipe. A plain member and its
     SWA twin that start from the same θ̂ (bit for bit: the floor came before averaging began) are retrained once,
     with SWA tracked: the last iterates are the plain retraining, the average the SWA one."""
@@ -553,7 +554,7 @@ def _retrain_shared(fit: StackFit, swa: np.ndarray, x: Tensor, y: Tensor, test: 
     shared = np.unique(twin[twin >= 0])
     alone_plain = np.setdiff1d(np.flatnonzero(~swa), shared)
     alone_swa = np.flatnonzero(swa & (twin < 0))
-    parts: dict[int, tuple[Retrained, int]] = {}
+    parts: dict[int, tuple[GroundTruth, int]] = {}
 
     def run(idx: np.ndarray, recipe: Recipe, also_last: bool = False):
         if not idx.size:
@@ -574,8 +575,8 @@ def _retrain_shared(fit: StackFit, swa: np.ndarray, x: Tensor, y: Tensor, test: 
             parts[int(j)] = (r, i)
     fields = ("delta", "drift", "ref_loss", "grad_norm", "floor_epoch", "epochs_run", "lr")
     merged = {f: np.stack([getattr(parts[j][0], f)[parts[j][1]] for j in range(k)]) for f in fields}
-    return Retrained(removed=candidates, protocol="all_layers",
-                     recipe={"plain": plain_recipe.to_dict(), "swa": swa_recipe.to_dict()}, **merged)
+    return member_ground_truth(removed=candidates, protocol="all_layers",
+                               recipe={"plain": plain_recipe.to_dict(), "swa": swa_recipe.to_dict()}, **merged)
 
 
 def _subfit(fit: StackFit, idx: np.ndarray) -> StackFit:
