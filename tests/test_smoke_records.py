@@ -2,6 +2,9 @@
 
 ``tests/data/smoke_records.json`` holds the records of a smoke build (its provenance inside). A deliberate change
 of a number is made by rewriting that file in the same commit, with the reason in the commit message.
+``tests/data/default_records.json`` pins the default book the same way; it is checked by hand after a default
+build (``python tools/compare_records.py tests/data/default_records.json _build/records``), since that build takes
+half an hour.
 
 Left out, because they change without any code change: wall times (``seconds*``) and what describes the
 paper-profile store while its background run commits chunks (``stored_*``).
@@ -10,48 +13,43 @@ paper-profile store while its background run commits chunks (``stored_*``).
 from __future__ import annotations
 
 import json
-import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PINNED = Path(__file__).resolve().parent / "data" / "smoke_records.json"
-VOLATILE_PREFIXES = ("stored_", "seconds")
-# Six significant digits: equal on this machine bit for bit (two smoke builds agree exactly), with room for
-# another CPU's rounding of the same arithmetic; any change of method moves a number by far more.
-REL_TOL = 1e-6
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from compare_records import differences, value_differences  # noqa: E402
+
+PINNED = REPO / "tests" / "data" / "smoke_records.json"
 
 
-def _differences(pinned, got, where: str) -> list[str]:
-    if isinstance(pinned, float) or isinstance(got, float):
-        ok = (isinstance(got, (int, float)) and isinstance(pinned, (int, float))
-              and math.isclose(pinned, got, rel_tol=REL_TOL, abs_tol=1e-12))
-        return [] if ok else [f"{where}: pinned {pinned!r}, got {got!r}"]
-    if isinstance(pinned, list) and isinstance(got, list) and len(pinned) == len(got):
-        return [d for i, (a, b) in enumerate(zip(pinned, got)) for d in _differences(a, b, f"{where}[{i}]")]
-    if isinstance(pinned, dict) and isinstance(got, dict) and pinned.keys() == got.keys():
-        return [d for k in pinned for d in _differences(pinned[k], got[k], f"{where}.{k}")]
-    return [] if pinned == got else [f"{where}: pinned {str(pinned)[:120]!r}, got {str(got)[:120]!r}"]
+def test_the_comparison_sees_a_change(tmp_path: Path) -> None:
+    assert value_differences({"a": [1.0, "x"]}, {"a": [1.0 + 1e-9, "x"]}, "r") == []
+    assert value_differences({"a": [1.0, "x"]}, {"a": [1.001, "x"]}, "r") == ["r.a[0]: pinned 1.0, got 1.001"]
+    assert value_differences({"n": 3}, {"n": 4}, "r") and value_differences("text", "other text", "r")
+    (tmp_path / "ch.json").write_text(json.dumps({"x": 1.0, "new": 2, "seconds_total": 9.0, "_meta": {}}))
+    assert differences({"_provenance": {}, "ch": {"x": 1.0, "gone": 3}}, tmp_path) == [
+        "ch: new record 'new'", "ch: record 'gone' is gone"]
 
 
-def test_the_comparison_sees_a_change() -> None:
-    assert _differences({"a": [1.0, "x"]}, {"a": [1.0 + 1e-9, "x"]}, "r") == []
-    assert _differences({"a": [1.0, "x"]}, {"a": [1.001, "x"]}, "r") == ["r.a[0]: pinned 1.0, got 1.001"]
-    assert _differences({"n": 3}, {"n": 4}, "r") and _differences("text", "other text", "r")
+def test_the_pinned_default_records_are_well_formed() -> None:
+    pinned = json.loads((REPO / "tests" / "data" / "default_records.json").read_text())
+    smoke = json.loads(PINNED.read_text())
+    assert pinned["_provenance"]["changes_from_baseline"] and set(pinned) - {"_provenance"} == set(smoke) - {
+        "_provenance"}
+    assert all(len(v) > 10 for k, v in pinned.items() if not k.startswith("_"))
 
 
 @pytest.mark.slow
 def test_smoke_records_equal_the_pinned_ones(smoke_book: Path) -> None:
-    pinned = json.loads(PINNED.read_text())
-    problems = []
-    for chapter, numbers in pinned.items():
-        if chapter.startswith("_"):
-            continue
-        got = json.loads((smoke_book / "records" / f"{chapter}.json").read_text())
-        got = {k: v for k, v in got.items() if k != "_meta" and not k.startswith(VOLATILE_PREFIXES)}
-        problems += [f"{chapter}: new record {k!r}" for k in sorted(got.keys() - numbers.keys())]
-        problems += [f"{chapter}: record {k!r} is gone" for k in sorted(numbers.keys() - got.keys())]
-        problems += [d for k in sorted(numbers.keys() & got.keys()) for d in _differences(numbers[k], got[k],
-                                                                                          f"{chapter}.{k}")]
+    problems = differences(json.loads(PINNED.read_text()), smoke_book / "records")
     assert not problems, (f"{len(problems)} smoke records differ from {PINNED.name} (if intended, rewrite it and "
                           "say why in the commit):\n" + "\n".join(problems[:60]))
+    # the command the README names for the default book, run here on the smoke book
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "compare_records.py"), str(PINNED),
+                          str(smoke_book / "records")], capture_output=True, text=True)
+    assert run.returncode == 0 and "pinned records equal" in run.stdout, run.stdout + run.stderr
