@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from helpers import memory
 from helpers.cache import memoize
 from helpers.curvature import CurvatureKind, check_problem, hessian_operator
+from helpers.kronecker import KINDS as KRONECKER_KINDS, kronecker_factors
 from helpers.models import is_softmax_regression
 from helpers.objective import BACKENDS, Backend, LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
@@ -237,7 +238,7 @@ def predict_removal(
     loss: LossName = "cross_entropy",
     method: Method = "exact",
     damping: float | str = 0.0,
-    hessian: CurvatureKind = "hessian",
+    hessian: CurvatureKind | str = "hessian",
     include_l2_in_hessian: bool = True,
     cache: bool = False,
     backend: Backend = "auto",
@@ -253,7 +254,9 @@ def predict_removal(
         train, test: ``(x, y)`` pairs. l2: λ of the training objective. loss: ``"cross_entropy"`` | ``"mse"``.
         method, damping, solver_options: passed to :func:`helpers.solvers.solve` (``damping="auto"``: δ from the
             spectrum of H, :func:`helpers.solvers.auto_damping`; the δ used is ``InfluenceResult.damping``).
-        hessian: ``"hessian"`` (exact) or ``"gauss_newton"``.
+        hessian: ``"hessian"`` (exact), ``"gauss_newton"``, or ``"kfac"`` / ``"ekfac"``: the Kronecker-factored
+            approximation of the Gauss–Newton matrix (:func:`helpers.kronecker.kronecker_factors`, type-2, the L2
+            term added exactly), inverted exactly with ``method="exact"`` — K-FAC / EK-FAC influence.
         include_l2_in_hessian: ``False`` reproduces the seed paper's last-layer Hessian without λI
             (STUDY.md §3 item 5: exactly singular — pair it with ``method="pinv"``).
         cache: memoize the result on disk (:func:`helpers.cache.memoize`) under the model (architecture and
@@ -262,7 +265,9 @@ def predict_removal(
             weights and a numeric damping runs :func:`helpers.closed_form.removal_estimate` (closed forms; its
             Gauss–Newton matrix is its Hessian, the model being linear), every other case autodiff;
             ``"autodiff"`` / ``"closed_form"`` insist (the tests compare the two).
-        solver_options: also ``factor=`` (a :class:`helpers.closed_form.HessianFactor`) for the closed-form backend.
+        solver_options: also ``factor=`` (a :class:`helpers.closed_form.HessianFactor`) for the closed-form backend;
+            ``preconditioner="kfac"`` or ``"ekfac"`` (with ``method="cg"`` and a numeric damping) preconditions CG on
+            the exact H + δI with (K + (λ + δ)I)⁻¹ built from the same model and data (autodiff backend).
 
     Cost: n_test per-sample gradients, one solve with only n_test right-hand sides (H is symmetric, so
     g_testᵀ H⁻¹ g_i = (H⁻¹ g_test)ᵀ g_i: solving for the few test gradients instead of the many training
@@ -280,7 +285,9 @@ def predict_removal(
         key = {"model": model, "train": list(train), "test": list(test)} | {
             k: v for k, v in options.items() if k != "factor"}  # a factor only speeds the solve up
         return memoize("predict_removal", key, lambda: predict_removal(model, train, test, **options))
-    closed = is_softmax_regression(model, params, loss) and not isinstance(damping, str)
+    kronecker_pre = isinstance(solver_options.get("preconditioner"), str)
+    closed = (is_softmax_regression(model, params, loss) and not isinstance(damping, str)
+              and hessian in ("hessian", "gauss_newton") and not kronecker_pre)
     if backend == "closed_form" and not closed:
         raise ValueError("backend='closed_form' needs a bias-free LogisticRegression (helpers.closed_form.model_at), "
                          "loss='cross_entropy', all of its parameters and a numeric damping: use backend='auto'")
@@ -295,10 +302,20 @@ def predict_removal(
     if "factor" in solver_options:
         raise TypeError("factor= serves only the closed-form backend (a bias-free LogisticRegression with "
                         "cross-entropy, all parameters and a numeric damping): drop it for this model")
-    P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
-    check_problem(model, P, test[0], test[1], loss=loss, what="test")
-    g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
-    result = solve(op, g_test.T.contiguous(), method=method, damping=damping, **solver_options)  # x: [d, n_test]
+    if hessian in KRONECKER_KINDS:
+        P, w, l2_h = _kronecker_setup(model, train, params, weights, l2, include_l2_in_hessian, method, damping)
+        check_problem(model, P, test[0], test[1], loss=loss, what="test")
+        g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
+        result = _kronecker_solve(kronecker_factors(model, P, train[0], train[1], weights=weights, l2=l2_h,
+                                                    loss=loss, kind=hessian), g_test.T.contiguous(), float(damping))
+    else:
+        P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
+        check_problem(model, P, test[0], test[1], loss=loss, what="test")
+        g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
+        if kronecker_pre:
+            solver_options = dict(solver_options, preconditioner=_kronecker_preconditioner(
+                model, P, train, weights, l2_h, loss, solver_options["preconditioner"], damping))
+        result = solve(op, g_test.T.contiguous(), method=method, damping=damping, **solver_options)  # x: [d, n_test]
     values = directional_derivatives(model, P, train[0], train[1], result.x, loss) * w[None, :]
     return InfluenceResult(
         values=values,
@@ -308,6 +325,45 @@ def predict_removal(
         hessian=hessian,
         l2_in_hessian=l2_h,
     )
+
+
+def _kronecker_setup(model: nn.Module, train: tuple[Tensor, Tensor], params: str | list[str], weights: Tensor | None,
+                     l2: float, include_l2_in_hessian: bool, method: str, damping: float | str
+                     ) -> tuple[dict[str, Tensor], Tensor, float]:
+    """Parameters, weights and λ of K-FAC / EK-FAC influence, after refusing what it cannot do."""
+    if method != "exact":
+        raise ValueError(f"hessian='kfac'/'ekfac' is inverted exactly (eigenbases): use method='exact', not {method!r}")
+    if isinstance(damping, str):
+        raise ValueError("hessian='kfac'/'ekfac' needs a numeric damping (the factors' spectrum is known: pick δ > 0)")
+    if not isinstance(train, (tuple, list)) or len(train) != 2:
+        raise TypeError("train must be a pair (x_train, y_train)")
+    P = model_params(model, param_names(model, params))
+    n = train[0].shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=train[0].dtype, device=train[0].device) if weights is None else weights.to(
+        train[0])
+    return P, w, float(l2) if include_l2_in_hessian else 0.0
+
+
+def _kronecker_solve(curvature: Any, B: Tensor, damping: float) -> SolveResult:
+    """(K + (λ + δ)I)⁻¹ B exactly, as a :class:`SolveResult` (residual against K itself: round-off)."""
+    X = curvature.inverse(B, damping)
+    R = curvature.matmat(X) + damping * X - B
+    bnorm = torch.linalg.vector_norm(B, dim=0)
+    rel = torch.linalg.vector_norm(R, dim=0) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    return SolveResult(x=X, relative_residual=rel, method=curvature.kind, iterations=0, damping=damping,
+                       info={"hvps": 0, "curvature": repr(curvature)})
+
+
+def _kronecker_preconditioner(model: nn.Module, P: dict[str, Tensor], train: tuple[Tensor, Tensor],
+                              weights: Tensor | None, l2: float, loss: LossName, kind: str, damping: float | str
+                              ) -> Callable[[Tensor], Tensor]:
+    if kind not in KRONECKER_KINDS:
+        raise ValueError(f"preconditioner={kind!r}: a named preconditioner is one of {KRONECKER_KINDS} (or pass a "
+                         "callable)")
+    if isinstance(damping, str):
+        raise ValueError(f"preconditioner={kind!r} needs a numeric damping (it is built before the solve)")
+    factors = kronecker_factors(model, P, train[0], train[1], weights=weights, l2=l2, loss=loss, kind=kind)
+    return factors.preconditioner(float(damping))
 
 
 def predict_param_change(

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 HELPERS = REPO / "helpers"
 #: the engine and its backends: the only modules allowed an optimiser, a Hessian or a solver
 ENGINE = {"data", "models", "objective", "train", "curvature", "solvers", "influence", "retrain", "metrics", "stats",
-          "plots", "memory", "progress", "cache", "paper_data", "closed_form", "stacked"}
+          "plots", "memory", "progress", "cache", "paper_data", "closed_form", "stacked",
+          "kronecker"}
 #: what an optimisation loop, a Hessian or a linear solve looks like in torch / scipy code
 FORBIDDEN = {
     "an optimiser": r"torch\.optim\b|\.step\(\)|scipy\.optimize|\.zero_grad\(",
