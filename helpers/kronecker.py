@@ -316,8 +316,11 @@ def kronecker_factors(
                 qa, qg, _ = bases[j]
                 aq = torch.einsum("npl,pj->njl", a, qa)
                 gq = torch.einsum("cnil,ik->cnkl", g, qg)
-                per = torch.einsum("cnkl,njl->cnkj", gq, aq)  # the per-sample gradient in the eigenbasis
-                eigs[j] += torch.einsum("n,cnkj->kj", w[rows], per * per)
+                if a.shape[2] == 1:  # one position: the gradient g aᵀ is an outer product, its square one too
+                    eigs[j] += torch.einsum("cnk,nj->kj", gq[..., 0].square() * w[rows, None], aq[..., 0].square())
+                else:
+                    per = torch.einsum("cnkl,njl->cnkj", gq, aq)  # the per-sample gradient in the eigenbasis
+                    eigs[j] += torch.einsum("n,cnkj->kj", w[rows], per * per)
         bases = [(qa, qg, e) for (qa, qg, _), e in zip(bases, eigs)]
     blocks = [KroneckerBlock(name, wname, bname, params[wname].shape, qa, qg, e)
               for (name, _, wname, bname), (qa, qg, e) in zip(layers, bases)]

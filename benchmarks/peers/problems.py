@@ -273,6 +273,27 @@ def truncated_reference(path: Path, rank: int) -> np.ndarray:
     return ((g_train @ solved).T / x.shape[0]).numpy()
 
 
+def kronecker_reference(path: Path, kind: str = "ekfac", fisher: str = "type-2") -> np.ndarray:
+    """Δ_pred ``[n_test, n_train]`` with (H + δI)⁻¹ replaced by (K + (λ + δ)I)⁻¹, K the K-FAC or EK-FAC of
+    :func:`helpers.kronecker.kronecker_factors` (``fisher`` "type-2" or "empirical"), from per-sample gradients.
+
+    What an EK-FAC method converges to: the tiny check of ``make test`` compares kronfluence's EK-FAC with the
+    empirical Fisher (deterministic) against it, which checks that library's conversion to round-off."""
+    from helpers.influence import per_sample_grads
+    from helpers.kronecker import kronecker_factors
+
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    spec = json.loads(str(arrays["meta"]))["spec"]
+    model = _trained_model(arrays, spec)
+    params = model_params(model)
+    x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
+    xt, yt = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
+    factors = kronecker_factors(model, params, x, y, l2=spec["l2"], kind=kind, fisher=fisher)
+    solved = factors.inverse(per_sample_grads(model, params, xt, yt).T.contiguous(), spec["damping"])  # [d, n_test]
+    return ((per_sample_grads(model, params, x, y) @ solved).T / x.shape[0]).numpy()
+
+
 def _add_lissa_scale(path: Path, log) -> None:
     """Store the LiSSA scale every library uses: s = 1.1·λ_max(H + δI) rounded up to two digits (Lanczos on
     helpers' operator), so that the Neumann series converges at the same rate in every library."""

@@ -167,6 +167,63 @@ def families(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def floors(df: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per problem with a floor row (issue 15): helpers' fastest run at rel. error ≤ 1e-6 (head-to-head time when
+    there is one) divided by the time of one pass of per-sample training gradients — the work no exact method
+    avoids, so the ratio says how much of helpers' time is spent beyond it."""
+    out: dict[str, dict[str, float]] = {}
+    ok = df[df["status"] == "ok"]
+    for problem in sorted(df["problem"].unique()):
+        g = ok[(ok["problem"] == problem) & (ok["library"] == "helpers")]
+        floor = g[g["family"] == "floor"]
+        h2h = g[g["family"] == "head-to-head"]
+        best = h2h if len(h2h) else g[(g["rel_error"] <= ACCURACY) & (g["family"] != "floor")]
+        if floor.empty or best.empty:
+            continue
+        hb = best.loc[best["seconds"].idxmin()]
+        out[problem] = {"floor_seconds": float(floor["seconds"].min()), "helpers_seconds": float(hb["seconds"]),
+                        "ratio": float(hb["seconds"] / floor["seconds"].min()), "helpers": _label(hb)}
+    return out
+
+
+def preconditioning(df: pd.DataFrame) -> list[str]:
+    """The EK-FAC-preconditioned CG against the same CG without it (issue 15): iterations and time at the rung
+    each side timed for 1e-6."""
+    out = []
+    ok = df[(df["status"] == "ok") & (df["library"] == "helpers") & (df["family"] == "cg")]
+    for problem in sorted(df["problem"].unique()):
+        g = ok[ok["problem"] == problem]
+        pre = g[g["method"].str.contains("preconditioned")]
+        plain = g[g["method"].str.contains("float32 refinement") & ~g["method"].str.contains("preconditioned")
+                  & g["method"].str.contains("autodiff")]
+        if pre.empty or plain.empty:
+            continue
+
+        def best(rows: pd.DataFrame) -> pd.Series:
+            accurate = rows[rows["rel_error"] <= ACCURACY]
+            rows = accurate if len(accurate) else rows
+            return rows.loc[rows["seconds"].idxmin()]
+
+        a, b = best(plain), best(pre)
+        its = "info_iterations" in df.columns
+        count = (lambda r: f", {int(r['info_iterations'])} iterations") if its else (lambda r: "")
+        out.append(f"- {problem}: block CG with float32 refinement {a['seconds']:.2f} s at {a['rel_error']:.1e}"
+                   f"{count(a)}; preconditioned by EK-FAC {b['seconds']:.2f} s at {b['rel_error']:.1e}{count(b)} "
+                   f"(time ratio {b['seconds'] / a['seconds']:.2f}).")
+    return out
+
+
+def kronecker_lines(df: pd.DataFrame) -> list[str]:
+    """K-FAC / EK-FAC rows: time and error against the exact reference, helpers beside kronfluence."""
+    out = []
+    ok = df[(df["status"] == "ok") & df["family"].isin(["kfac", "ekfac"])]
+    for problem in sorted(ok["problem"].unique()):
+        parts = [f"{r['library']} {r['method']} [{_dtype(r)}] {r['seconds']:.2f} s, rel. error {r['rel_error']:.2f}, "
+                 f"Pearson {r['pearson']:.3f}" for _, r in ok[ok["problem"] == problem].iterrows()]
+        out.append(f"- {problem}: " + "; ".join(parts) + ".")
+    return out
+
+
 def render(df: pd.DataFrame) -> str:
     """The whole markdown block: date and machine line, table, ratio lines, LiSSA and Arnoldi lines."""
     first = df.iloc[0]
@@ -207,4 +264,17 @@ def render(df: pd.DataFrame) -> str:
                   f"Ratio fastest peer / helpers = **{v['ratio']:.2f}**.")
     md += ["", "**LiSSA and Arnoldi** (target: helpers no slower than the fastest peer at equal residual):", ""]
     md += families(df)
+    floor = floors(df)
+    if floor:
+        md += ["", "**The floor** (helpers' fastest time at rel. error ≤ 1e-6 / the time of one pass of per-sample "
+               "training gradients, the work no exact method avoids):", ""]
+        md += [f"- {problem}: {v['helpers_seconds']:.2f} s / {v['floor_seconds']:.2f} s = **{v['ratio']:.2f}** "
+               f"({v['helpers']})." for problem, v in floor.items()]
+    pre = preconditioning(df)
+    if pre:
+        md += ["", "**EK-FAC as a preconditioner of CG** (helpers' own factors of the same network):", ""] + pre
+    kron = kronecker_lines(df)
+    if kron:
+        md += ["", "**K-FAC and EK-FAC influence** (approximations: their error against the exact answer):", ""]
+        md += kron
     return "\n".join(md) + "\n"

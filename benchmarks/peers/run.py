@@ -81,7 +81,7 @@ MAIN_PY = ROOT / ".venv" / "bin" / "python"
 PYDVL_PY = ROOT / ".venv-pydvl" / "bin" / "python"
 WORKER = ROOT / "benchmarks" / "peers" / "worker.py"
 VERSIONS = {"helpers": "(this checkout)", "captum": "0.9.0", "dattri": "0.3.0", "pydvl": "0.10.0",
-            "torch-influence": "–"}
+            "kronfluence": "1.0.1", "torch-influence": "–"}
 THREADS = 1  # per method, every library
 THREAD_ENV = {k: str(THREADS) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 DTYPES = ("float64", "float32")  # the dtypes every peer method runs in (helpers: float64)
@@ -203,7 +203,18 @@ def jobs(problem: str, meta: dict[str, Any], path: Path | None = None,
                 label="autodiff HVP, block CG, float32 refinement"),
         ]
     else:
-        out.append(Job(problem, "helpers", "generic:exact", skip=no_dense, family="exact", label="Cholesky"))
+        out += [
+            Job(problem, "helpers", "generic:exact", skip=no_dense, family="exact", label="Cholesky"),
+            # issue 15: CG preconditioned by helpers' own EK-FAC of the same network (helpers.kronecker)
+            Job(problem, "helpers", "generic:cg", [dict(r, preconditioner="ekfac", **f32) for r in rtols], "cg",
+                label=f"{what}, EK-FAC-preconditioned block CG, float32 refinement"),
+        ]
+    out += [
+        Job(problem, "helpers", "generic:floor", [{}], "floor",
+            label="floor: one pass of per-sample training gradients"),
+        Job(problem, "helpers", "generic:exact", [{"hessian": "kfac"}], "kfac", label="K-FAC influence (type-2)"),
+        Job(problem, "helpers", "generic:exact", [{"hessian": "ekfac"}], "ekfac", label="EK-FAC influence (type-2)"),
+    ]
     out += [
         Job(problem, "helpers", f"{entry}:lissa", [{"depth": lissa["depth"], "scale": lissa["scale"]}], "lissa",
             label=f"{what}, LiSSA"),
@@ -229,6 +240,10 @@ def jobs(problem: str, meta: dict[str, Any], path: Path | None = None,
             Job(problem, "pydvl", "LissaInfluence", [dict(lissa)], "lissa", dtype=dtype),
             Job(problem, "pydvl", "ArnoldiInfluence", [{"rank": arn["rank"], "arnoldi_dim": arn["arnoldi_dim"]}],
                 "arnoldi", dtype=dtype),
+            Job(problem, "kronfluence", "ekfac", [{"fisher": "mc"}], "ekfac", dtype=dtype,
+                label="EK-FAC (MC Fisher, its default)"),
+            Job(problem, "kronfluence", "ekfac", [{"fisher": "empirical"}], "ekfac", dtype=dtype,
+                label="EK-FAC (empirical Fisher)"),
         ]
     out.append(Job(problem, "torch-influence", "(all)",
                    skip="not on PyPI (github.com/alstonlo/torch-influence); not installed", family="-"))

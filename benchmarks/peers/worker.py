@@ -135,8 +135,22 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
     from helpers import closed_form
     from helpers.influence import predict_removal
 
+    from helpers.influence import per_sample_grads
+    from helpers.objective import model_params
+
     entry, solver = method.split(":")
     model = _helpers_model(P)
+    if solver == "floor":
+        # the cost no exact method avoids: every training gradient once (values: gradient similarity, the identity
+        # in place of (H + δI)⁻¹ — a by-product, not an influence estimate)
+        params = model_params(model)
+
+        def floor() -> tuple[np.ndarray, dict]:
+            g_train = per_sample_grads(model, params, P.x, P.y)  # [n, d]: the pass being timed
+            g_test = per_sample_grads(model, params, P.xt, P.yt)
+            return (g_test @ g_train.T / P.n).numpy(), {}
+
+        return floor
     if isinstance(opts.get("low_precision"), str):  # JSON carries the dtype by name
         opts = dict(opts, low_precision=getattr(torch, opts["low_precision"]))
     if entry == "convex":
@@ -150,7 +164,7 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
 
         def call() -> tuple[np.ndarray, dict]:
             r = predict_removal(model, (P.x, P.y), (P.xt, P.yt), l2=P.l2, damping=P.damping, method=solver,
-                                backend="autodiff", **opts)
+                                backend="autodiff", **opts)  # opts may name hessian="ekfac", preconditioner=...
             return r.values.numpy(), {"residual": r.solve.max_relative_residual, "iterations": r.solve.iterations}
 
     return call
@@ -277,7 +291,67 @@ def run_pydvl(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], tup
     return call
 
 
-RUNNERS = {"helpers": run_helpers, "captum": run_captum, "dattri": run_dattri, "pydvl": run_pydvl}
+# ------------------------------------------------------------------------------------------------ kronfluence
+
+
+def run_kronfluence(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], tuple[np.ndarray, dict]]:
+    """kronfluence 1.0.1's EK-FAC (``strategy="ekfac"``) or K-FAC: factors fitted on the training set, then pairwise
+    scores ``[n_query, n_train]`` = ∇ℓ_tᵀ (F + r I)⁻¹ ∇ℓ_i with F its Kronecker-factored Fisher of the mean loss
+    (covariances and the EK-FAC eigenvalues are averages over the data points: its task returns the summed loss of
+    a batch) and r = ``damping_factor`` added to the eigenvalues. The L2 term is not in the factors (the loss sees
+    only outputs), so r = λ + δ; the scores are then divided by n. ``fisher``: ``"mc"`` (its default: one label
+    sampled from the model per point, seed 0) or ``"empirical"`` (the true labels). Every computation in the
+    problem's dtype. The library writes its factors and scores to disk (a temporary directory): part of a call."""
+    import logging
+    import tempfile
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    logging.getLogger("kronfluence").setLevel(logging.ERROR)
+    dtype = P.dtype
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), dim=1), 1).flatten()
+            return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+    model = prepare_model(P.model, Classification())
+    train, test = TensorDataset(P.x, P.y), TensorDataset(P.xt, P.yt)
+    dtypes = dict(activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype, lambda_dtype=dtype,
+                  per_sample_gradient_dtype=dtype)
+    factor_args = FactorArguments(strategy=method, use_empirical_fisher=opts.get("fisher") == "empirical", **dtypes)
+    score_args = ScoreArguments(damping_factor=P.shift, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
+                                score_dtype=dtype)
+
+    def call() -> tuple[np.ndarray, dict]:
+        torch.manual_seed(0)  # the labels its MC Fisher samples
+        with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analyzer = Analyzer("bench", model, Classification(), cpu=True, disable_tqdm=True, output_dir=out)
+            analyzer.fit_all_factors("f", train, per_device_batch_size=P.n, factor_args=factor_args,
+                                     overwrite_output_dir=True)
+            analyzer.compute_pairwise_scores("s", "f", test, train, per_device_query_batch_size=P.xt.shape[0],
+                                             per_device_train_batch_size=P.n, score_args=score_args,
+                                             overwrite_output_dir=True)
+            scores = analyzer.load_pairwise_scores("s")["all_modules"]  # [n_test, n_train]
+        return (scores.detach().double() / P.n).numpy(), {}
+
+    return call
+
+
+RUNNERS = {"helpers": run_helpers, "captum": run_captum, "dattri": run_dattri, "pydvl": run_pydvl,
+           "kronfluence": run_kronfluence}
 
 
 # ------------------------------------------------------------------------------------------------ measurement
