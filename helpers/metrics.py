@@ -431,3 +431,44 @@ def mean_abs_vs_signed(rhos: ArrayLike) -> dict[str, float]:
     signed, absolute = float(np.mean(r)), float(np.mean(np.abs(r)))
     return {"mean_signed": signed, "mean_abs": absolute, "inflation": absolute - signed,
             "fraction_negative": float(np.mean(r < 0)), "n": float(r.size)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the linear datamodeling score (Park et al. 2023)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def random_subsets(n: int, alpha: float, m: int, seed: int = 0) -> np.ndarray:
+    """``[m, n]`` bool: m subsets of exactly round(α·n) training points each, drawn without replacement."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    size = int(round(alpha * n))
+    if not 1 <= size < n or m < 3:
+        raise ValueError(f"need 1 <= round(alpha·n) < n and m >= 3 subsets, got size {size} of n = {n}, m = {m}")
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((m, n), dtype=bool)
+    for j in range(m):  # m is small (tens to hundreds): one permutation per subset
+        masks[j, rng.choice(n, size, replace=False)] = True
+    return masks
+
+
+def lds(values: ArrayLike, masks: ArrayLike, losses: ArrayLike) -> np.ndarray:
+    """The linear datamodeling score per test point, ``[n_test]``.
+
+    ``values`` ``[n_test, n_train]`` in the book's convention (Δ_pred: the change of test loss when a point is
+    removed), ``masks`` ``[m, n_train]`` the subsets, ``losses`` ``[m, n_test]`` the test losses of the models
+    trained on them. The linear datamodel predicts ℓ_S(t) ≈ ℓ_full(t) + Σ_{i∉S} Δ[t, i] = const − Σ_{i∈S} Δ[t, i];
+    the score is Spearman's ρ over the m subsets between that prediction and the actual loss, for each test point
+    (averaging over test points is the caller's choice; :func:`bootstrap_ci` gives its interval)."""
+    v = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64)
+    M = np.asarray(masks, dtype=np.float64)
+    L = np.asarray(losses.detach().cpu() if hasattr(losses, "detach") else losses, dtype=np.float64)
+    if v.ndim != 2 or M.ndim != 2 or L.ndim != 2 or M.shape[1] != v.shape[1] or L.shape != (M.shape[0], v.shape[0]):
+        raise ValueError(f"shapes must be values [n_test, n_train], masks [m, n_train], losses [m, n_test]; got "
+                         f"{v.shape}, {M.shape}, {L.shape}")
+    if not (np.isfinite(v).all() and np.isfinite(L).all()):
+        raise ValueError("values and losses must be finite")
+    if M.shape[0] < 3:
+        raise ValueError(f"the LDS needs at least 3 subsets, got {M.shape[0]}")
+    predicted = -M @ v.T  # [m, n_test]
+    return np.asarray(_spearman_v(predicted, L, axis=0), dtype=np.float64)

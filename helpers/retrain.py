@@ -478,3 +478,71 @@ def pbrf(model: nn.Module, theta_hat: Params | None, train: Data, test: Data, re
             params=ens.params if keep_params else None)
 
     return _memoized("pbrf", key, compute, cache)
+
+
+# ------------------------------------------------------------------------------------------- the LDS target
+
+
+@dataclass
+class SubsetRetraining:
+    """Models trained from scratch on random training subsets: the target of the linear datamodeling score.
+
+    Attributes:
+        masks: ``[m, n_train]`` bool, row j = subset S_j. alpha: |S_j| / n.
+        test_losses: ``[n_seeds, m, n_test]`` ℓ(z_t, θ_{S_j, s}); ``mean_losses`` is their mean over seeds
+            ``[m, n_test]`` (seed-averaged outputs, as TRAK's LDS averages models per subset).
+        grad_norm: ``[n_seeds, m]`` final ‖∇R‖ of each model's objective (its convergence).
+        recipe, seeds: how they were trained.
+    """
+
+    masks: np.ndarray
+    alpha: float
+    test_losses: np.ndarray
+    grad_norm: np.ndarray
+    recipe: dict[str, Any]
+    seeds: list[int]
+
+    @property
+    def mean_losses(self) -> np.ndarray:
+        return self.test_losses.mean(axis=0)
+
+
+def on_subsets(model: nn.Module, train: Data, test: Data, masks: np.ndarray | Tensor, recipe: Recipe,
+               seeds: Sequence[int], *, alpha: float | None = None, progress: bool = True, cache: bool = True
+               ) -> SubsetRetraining:
+    """Train one model per subset and seed from a fresh initialisation (:func:`helpers.models.init_params`),
+    with the same recipe as the original — the retraining of the LDS (Park et al. 2023). A subset's objective is
+    the mean loss over its points (weights 1/|S_j| on S_j, 0 elsewhere) plus the recipe's L2 term.
+
+    Cost: one ensemble of ``len(seeds) · m`` members (:func:`helpers.train.fit_ensemble`)."""
+    x, y = _as_data(train, "train")
+    test = _as_data(test, "test")
+    M = torch.as_tensor(np.asarray(masks), dtype=torch.bool)
+    if M.dim() != 2 or M.shape[1] != x.shape[0]:
+        raise ValueError(f"masks must be [m, n_train] = [m, {x.shape[0]}] booleans, got {tuple(M.shape)}")
+    if bool((M.sum(dim=1) == 0).any()):
+        raise ValueError("a subset is empty: every mask row needs at least one training point")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("on_subsets needs at least one seed")
+    theta = _theta(model, None)
+    key = {"model": model, "theta_hat": theta, "train": [x, y], "test": list(test), "masks": M,
+           "seeds": seeds, "recipe": recipe.to_dict()}
+
+    def compute() -> SubsetRetraining:
+        xc, yc = _cast((x, y), recipe)
+        m = M.shape[0]
+        w = M.to(recipe.torch_dtype) / M.sum(dim=1, keepdim=True).to(recipe.torch_dtype)
+        names = param_names(model, "all")
+        per_seed = [init_params(model, s, names) for s in seeds]
+        inits = {k: torch.stack([p[k] for p in per_seed]).repeat_interleave(m, dim=0) for k in names}
+        ens = fit_ensemble(recipe, model, xc, yc, weights=w.repeat(len(seeds), 1), inits=inits, params=names,
+                           progress=progress)
+        work = model_with(model, theta, dtype=recipe.torch_dtype, device=xc.device).requires_grad_(False)
+        losses = _test_losses(work, ens.params, _cast(test, recipe), recipe.loss)  # [S·m, n_test]
+        a = float(M.sum(dim=1).double().mean() / x.shape[0]) if alpha is None else float(alpha)
+        return SubsetRetraining(masks=M.numpy(), alpha=a, test_losses=_np(losses).reshape(len(seeds), m, -1),
+                                grad_norm=np.asarray(ens.grad_norm).reshape(len(seeds), m),
+                                recipe=recipe.to_dict(), seeds=seeds)
+
+    return memoize("on_subsets", key, compute) if cache else compute()

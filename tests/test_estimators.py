@@ -1,0 +1,101 @@
+"""Every chapter-4 estimator converted to the book's convention, checked on convex cases against exact influence.
+
+The convex case that makes the checks exact: linear least squares with one output (``loss="mse"``, ½(xᵀθ − y)²),
+where the Hessian of the mean loss is XᵀX/n, the Gauss–Newton matrix equals it, and K-FAC's single Kronecker
+factor is it. With an orthonormal design (XᵀX/n = I) and λ + δ = s, (H + δI)⁻¹ = I/(1 + s), so gradient
+similarity and TracIn at θ̂ are exact influence up to that factor. TRAK with an invertible square projection and
+λ = δ = 0 is exact influence for any design. A sign, 1/n or orientation slip fails each check by a factor of −1,
+n or a transpose.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import estimators, models
+from helpers.influence import predict_removal
+from helpers.objective import model_params
+
+F64 = torch.float64
+N, D = 40, 6
+
+
+def _regression(orthonormal: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=F64)
+    if orthonormal:
+        x = torch.linalg.qr(x).Q * N ** 0.5  # XᵀX/n = I
+    model = models.build("logistic_regression", d_in=D, n_classes=1, dtype=F64)
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.randn(1, D, generator=g, dtype=F64))
+    y = x @ torch.randn(D, 1, generator=g, dtype=F64) + 0.3 * torch.randn(N, 1, generator=g, dtype=F64)
+    xt = torch.randn(5, D, generator=g, dtype=F64)
+    yt = torch.randn(5, 1, generator=g, dtype=F64)
+    return model, (x, y), (xt, yt)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
+    assert a.shape == b.shape == (5, N)
+    err = float((a - b).norm() / b.norm())
+    assert err <= tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_gradient_similarity_and_tracin_are_exact_when_h_is_the_identity(shift):
+    model, train, test = _regression(orthonormal=True)
+    exact = predict_removal(model, train, test, l2=shift, loss="mse", backend="autodiff").values
+    _close(estimators.gradient_similarity(model, train, test, loss="mse") / (1 + shift), exact)
+    theta = model_params(model)
+    _close(estimators.tracin(model, train, test, [theta], [1 / (1 + shift)], loss="mse"), exact)
+    # two checkpoints at θ̂ with rates summing to the same total give the same answer
+    _close(estimators.tracin(model, train, test, [theta, theta], [0.25 / (1 + shift), 0.75 / (1 + shift)],
+                             loss="mse"), exact)
+
+
+def test_trak_is_exact_influence_for_least_squares_with_a_square_projection():
+    model, train, test = _regression(orthonormal=False)
+    exact = predict_removal(model, train, test, l2=0.0, loss="mse", backend="autodiff").values
+    for seed in (0, 1):
+        _close(estimators.trak(model, train, test, proj_dim=D, seed=seed, loss="mse"), exact, 1e-8)
+    # a projection to fewer dimensions is an approximation, not the same numbers
+    low = estimators.trak(model, train, test, proj_dim=2, loss="mse")
+    assert float((low - exact).norm() / exact.norm()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kfac_and_ekfac_are_exact_for_least_squares(kind):
+    model, train, test = _regression(orthonormal=False)
+    exact = predict_removal(model, train, test, l2=0.1, damping=0.05, loss="mse", backend="autodiff").values
+    _close(predict_removal(model, train, test, l2=0.1, damping=0.05, loss="mse", hessian=kind).values, exact)
+
+
+def test_lissa_and_arnoldi_converge_to_exact_influence():
+    model, train, test = _regression(orthonormal=False)
+    exact = predict_removal(model, train, test, l2=0.1, loss="mse", backend="autodiff").values
+    _close(predict_removal(model, train, test, l2=0.1, loss="mse", method="arnoldi", rank=D, krylov_dim=D).values,
+           exact, 1e-8)
+    _close(predict_removal(model, train, test, l2=0.1, loss="mse", method="lissa", depth=3000).values, exact, 1e-6)
+
+
+def test_trak_output_gradients_factor_the_loss_gradient_for_cross_entropy():
+    """∇ℓ = Q ∇f exactly for the margin f = log p_y − log(1 − p_y) and Q = −(1 − p_y): TRAK's sign convention."""
+    from helpers.influence import per_sample_grads
+
+    model = models.build("mlp", d_in=4, n_classes=3, depth=1, width=5, activation="tanh", seed=0, dtype=F64)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(9, 4, generator=g, dtype=F64), torch.randint(0, 3, (9,), generator=g)
+    P = model_params(model)
+    G, Q = estimators.output_gradients(model, P, x, y)
+    assert bool((Q < 0).all() and (Q > -1).all())
+    assert torch.allclose(Q[:, None] * G, per_sample_grads(model, P, x, y), atol=1e-14)
+
+
+def test_refusals():
+    model, train, test = _regression(orthonormal=False)
+    with pytest.raises(ValueError, match="one learning rate per checkpoint"):
+        estimators.tracin(model, train, test, [model_params(model)], [0.1, 0.2], loss="mse")
+    with pytest.raises(ValueError, match="proj_dim < n or damping > 0"):
+        estimators.trak(model, train, test, proj_dim=N + 5, loss="mse")
+    with pytest.raises(ValueError, match="positive integer"):
+        estimators.trak(model, train, test, proj_dim=0, loss="mse")
