@@ -145,7 +145,35 @@ def check_own_model(r: dict[str, Any]) -> None:
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"intro": check_intro, "convex": check_convex}
+def check_estimators(r: dict[str, Any]) -> None:
+    # Chapter 4: every (model, estimator, target) measured, each mean with an interval that holds it.
+    from helpers.experiments.estimators import ESTIMATORS, MODEL_NAMES, TARGETS, _slug
+
+    for model in MODEL_NAMES.values():
+        for estimator in ESTIMATORS:
+            for target in TARGETS:
+                key = f"{_slug(model)}_{_slug(estimator)}_{_slug(target)}"
+                assert -1 <= r[key + "_low"] <= r[key] <= r[key + "_high"] <= 1, (key, r[key + "_low"], r[key])
+            assert r[f"seconds_{_slug(model)}_{_slug(estimator)}"] > 0
+    assert r["n_pairs"] == len(MODEL_NAMES) * (len(ESTIMATORS) - 1) * len(TARGETS)
+    assert 0 <= r["n_pairs_beating_similarity"] <= r["n_pairs"]
+    # The stated criterion: θ̂ and every retrained model (L-BFGS, full batch) at ‖∇R‖ ≤ grad_tol.
+    for what in ("theta", "loo_cold", "loo_warm", "pbrf", "lds_alpha_small", "lds_alpha_large"):
+        assert r[f"grad_norm_{what}"] <= r["grad_tol"], what
+    # The convex control: the model is one layer, so all-parameter and last-layer influence are the same numbers;
+    # its minimum is unique, so cold and warm start, both converged, are the same target; and exact influence
+    # tracks the target it linearises, the PBRF.
+    control = _slug(MODEL_NAMES["logreg"])
+    for target in TARGETS:
+        assert r[f"{control}_exact_cg_{_slug(target)}"] == pytest.approx(
+            r[f"{control}_exact_last_layer_{_slug(target)}"], abs=1e-6)
+    assert abs(r[f"{control}_exact_cg_loo_cold"] - r[f"{control}_exact_cg_loo_warm"]) <= 0.02, r
+    assert r[f"{control}_exact_cg_pbrf"] >= 0.85, r
+    assert r["_meta"]["profile"] == "smoke"
+
+
 CHECKS["own_model"] = check_own_model
+CHECKS["estimators"] = check_estimators
 CHECKS["nonconvex"] = check_nonconvex
 CHECKS["validation"] = check_validation
 

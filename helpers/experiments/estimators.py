@@ -1,0 +1,531 @@
+"""Chapter 4, ``book/estimators.ipynb``: estimators that scale, on trial — by the checklist of chapter 3.
+
+One trial per (model, θ̂ seed): a model trained to a stated criterion, three test points (the max, median and a
+random test loss), every estimator computed once on that fixed θ̂, every target computed once, and the agreement of
+each (estimator, target) pair measured per test point — so that trained models × test points are the units of
+replication (:func:`helpers.stats.hierarchical_mean_ci`: models first, then test points within a model).
+
+Models (:data:`MODEL_NAMES`): the convex control (softmax regression), the book's MNIST MLP and its small CNN, on
+``mnist5k`` images average-pooled by ``pool`` (14×14 by default: the retraining ensembles of the LDS and of
+cold-start leave-one-out then fit the chapter's 15 minutes). All in float64. θ̂: full-batch Adam with a cosine
+schedule, whose checkpoints and learning rates TracIn uses, then full-batch L-BFGS to ‖∇R‖ ≤ ``grad_tol``; every
+retrained model (cold and warm start, PBRF, subset models) runs the same L-BFGS to the same tolerance, and the
+largest final gradient norm of each kind is recorded — the stated convergence criterion of the checklist.
+
+Estimators (:data:`ESTIMATORS`; each ``[n_test, n_train]`` in the book's convention, :mod:`helpers.influence` and
+:mod:`helpers.estimators`): exact influence by CG on all parameters and on the last layer, K-FAC and EK-FAC
+(:mod:`helpers.kronecker`), LiSSA and Arnoldi at stated settings, TRAK at two projection dimensions, TracIn over
+the checkpoints, and gradient similarity (the identity in place of the Hessian). Each run is timed and its peak
+memory measured (:func:`run_estimators`).
+
+Targets (:func:`run_targets`): leave-one-out by cold start (fresh initialisations, the same recipe, several
+seeds: mean and noise ceiling) and by warm start (from θ̂), the PBRF (Bae et al. 2022), all on the same ``k``
+random candidates, and the linear datamodeling score against models retrained from scratch on random subsets at
+two sizes α (:func:`lds_target`, :func:`helpers.metrics.lds`).
+
+Metrics: Pearson (signed) of estimate and target over the candidates per test point for the LOO and PBRF targets;
+the LDS (Spearman over subsets) per test point for the LDS targets. :func:`summary` gives the mean over units with
+its two-stage bootstrap interval; :func:`draw_summary` the chapter's one figure (estimator × target, and cost).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from helpers import book, estimators as est, metrics, models, retrain
+from helpers.cache import memoize
+from helpers.experiments.validation import pool_images, test_points
+from helpers.influence import predict_removal
+from helpers.objective import model_params, per_sample_losses
+from helpers.stats import hierarchical_mean_ci
+from helpers.train import Recipe, fit, fit_ensemble, model_with
+
+Data = tuple[Tensor, Tensor]
+
+MODEL_NAMES: dict[str, str] = {"logreg": "softmax regression (convex)", "mlp": "MNIST MLP", "cnn": "small CNN"}
+ESTIMATORS: tuple[str, ...] = ("exact (CG)", "exact, last layer", "EK-FAC", "K-FAC", "LiSSA", "Arnoldi",
+                               "TRAK small", "TRAK large", "TracIn", "grad. similarity")
+TARGETS: tuple[str, ...] = ("LOO cold", "LOO warm", "PBRF", "LDS α small", "LDS α large")
+
+
+@dataclass
+class Fitted:
+    """One trained θ̂ with what the chapter holds fixed: the chosen test points and the saved checkpoints."""
+
+    key: str
+    seed: int
+    model: nn.Module
+    recipe: Recipe
+    train: Data
+    test: Data
+    checkpoints: list[dict[str, Tensor]]
+    checkpoint_lrs: list[float]
+    grad_norm: float
+    acc_test: float
+    test_names: list[str] = field(default_factory=lambda: ["max", "median", "random"])
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+
+def estimator_data(seed: int, *, n_train: int, n_test: int, pool: int) -> dict[str, tuple[Data, Data]]:
+    """mnist5k images pooled by ``pool``, float64: flattened for the two dense models, as images for the CNN."""
+    from helpers import data as data_mod
+
+    split = data_mod.load("mnist5k", seed=seed, n_train=n_train, n_test=n_test, standardize=False, flatten=False,
+                          dtype=torch.float64)
+    xtr, xte = pool_images(split.x_train, pool), pool_images(split.x_test, pool)
+    mean, std = xtr.mean(), xtr.std()
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std  # standardised on the training part
+    flat = ((xtr.flatten(1), split.y_train), (xte.flatten(1), split.y_test))
+    return {"logreg": flat, "mlp": flat, "cnn": ((xtr, split.y_train), (xte, split.y_test))}
+
+
+def build_trial_model(key: str, side: int, seed: int, *, width: int, cnn_width: int) -> nn.Module:
+    """The untrained model of ``key`` for ``side``×``side`` images (float64)."""
+    if key == "logreg":
+        return models.build("logistic_regression", d_in=side * side, n_classes=10, bias=True, dtype=torch.float64)
+    if key == "mlp":
+        return models.build("mlp", d_in=side * side, n_classes=10, depth=1, width=width, activation="tanh",
+                            seed=seed, dtype=torch.float64)
+    if key == "cnn":
+        return models.build("small_cnn", width=cnn_width, input_size=side, activation="tanh", seed=seed,
+                            dtype=torch.float64)
+    raise ValueError(f"unknown model {key!r}: use one of {list(MODEL_NAMES)}")
+
+
+def _grad_norm(model: nn.Module, train: Data, l2: float) -> float:
+    from helpers.objective import objective
+
+    P = {k: v.detach().requires_grad_(True) for k, v in model_params(model).items()}
+    g = torch.autograd.grad(objective(model, P, *train, l2=l2), list(P.values()))
+    return float(torch.sqrt(sum((gi * gi).sum() for gi in g)))
+
+
+def fit_model(key: str, model: nn.Module, recipe: Recipe, polish: Recipe, train: Data, test: Data, *, seed: int,
+              n_checkpoints: int, cache: bool = True) -> Fitted:
+    """θ̂: ``recipe`` (full-batch Adam, one member of :func:`helpers.train.fit_ensemble`, which saves
+    ``n_checkpoints`` evenly spaced checkpoints and their learning rates — TracIn's), then ``polish`` (L-BFGS) from
+    there to its tolerance; the three test points, ‖∇R(θ̂)‖ and the test accuracy. ``Fitted.recipe`` is ``polish``:
+    the recipe every retrained model is held to."""
+    marks = set(np.linspace(0, recipe.epochs - 1, n_checkpoints, dtype=int).tolist())
+
+    def compute() -> dict[str, Any]:
+        saved: dict[int, dict[str, Tensor]] = {}
+
+        def keep(epoch: int, stacked: dict[str, Tensor]) -> None:
+            if epoch in marks:
+                saved[epoch] = {k: v[0].detach().clone() for k, v in stacked.items()}
+
+        n = train[0].shape[0]
+        ens = fit_ensemble(recipe, model, *train, weights=torch.full((1, n), 1.0 / n, dtype=train[0].dtype),
+                           progress=False, on_epoch=keep)
+        lr = [recipe.lr * 0.5 * (1 + np.cos(np.pi * e / recipe.epochs)) for e in sorted(saved)]
+        polished = fit(polish, model, *train, init={k: v[0].detach() for k, v in ens.params.items()},
+                       progress=False)
+        return {"params": {k: v.detach() for k, v in polished.params.items()},
+                "checkpoints": [saved[e] for e in sorted(saved)], "lrs": lr}
+
+    key_ = {"model": model, "train": list(train), "recipe": recipe.to_dict(), "polish": polish.to_dict(),
+            "marks": sorted(marks)}
+    out = memoize("estimators_fit", key_, compute) if cache else compute()
+    trained = model_with(model, out["params"])
+    with torch.no_grad():
+        losses = per_sample_losses(trained, model_params(trained), *test)
+        acc = float((trained(test[0]).argmax(1) == test[1]).double().mean())
+    picks = test_points(losses, seed)
+    rows = torch.as_tensor([picks[r] for r in ("max", "median", "random")])
+    return Fitted(key=key, seed=seed, model=trained, recipe=polish, train=train, test=(test[0][rows], test[1][rows]),
+                  checkpoints=out["checkpoints"], checkpoint_lrs=out["lrs"],
+                  grad_norm=_grad_norm(trained, train, recipe.weight_decay), acc_test=acc)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# estimators, timed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _peak_reset() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set (Linux)
+        return True
+    except OSError:
+        return False
+
+
+def _status_mib(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn: Callable[[], Tensor]) -> tuple[np.ndarray, float, float]:
+    """(values, seconds, extra peak resident memory in MiB — NaN where the kernel cannot reset the mark)."""
+    reset = _peak_reset()
+    base = _status_mib("VmRSS")
+    t0 = time.perf_counter()
+    values = fn()
+    seconds = time.perf_counter() - t0
+    peak = _status_mib("VmHWM") - base if reset else float("nan")
+    return values.detach().double().numpy(), seconds, max(peak, 0.0)
+
+
+def estimator_calls(f: Fitted, *, damping: float, lissa_depth: int, arnoldi_rank: int, trak_dims: Sequence[int],
+                    cg_rtol: float) -> dict[str, Callable[[], Tensor]]:
+    """The chapter's estimators on one θ̂, as zero-argument calls (:data:`ESTIMATORS` order)."""
+    m, tr, te, l2 = f.model, f.train, f.test, f.recipe.weight_decay
+    common = dict(l2=l2, damping=damping)
+    small, large = trak_dims
+    return {
+        "exact (CG)": lambda: predict_removal(m, tr, te, method="cg", rtol=cg_rtol, block=True,
+                                              backend="autodiff", **common).values,
+        "exact, last layer": lambda: predict_removal(m, tr, te, params="last", **common).values,
+        "EK-FAC": lambda: predict_removal(m, tr, te, hessian="ekfac", **common).values,
+        "K-FAC": lambda: predict_removal(m, tr, te, hessian="kfac", **common).values,
+        "LiSSA": lambda: predict_removal(m, tr, te, method="lissa", depth=lissa_depth, backend="autodiff",
+                                         **common).values,
+        "Arnoldi": lambda: predict_removal(m, tr, te, method="arnoldi", rank=arnoldi_rank,
+                                           krylov_dim=2 * arnoldi_rank, backend="autodiff", **common).values,
+        "TRAK small": lambda: est.trak(m, tr, te, proj_dim=small, seed=f.seed, **common),
+        "TRAK large": lambda: est.trak(m, tr, te, proj_dim=large, seed=f.seed, **common),
+        "TracIn": lambda: est.tracin(m, tr, te, f.checkpoints, f.checkpoint_lrs),
+        "grad. similarity": lambda: est.gradient_similarity(m, tr, te),
+    }
+
+
+def run_estimators(f: Fitted, *, cache: bool = True, **settings: Any) -> dict[str, dict[str, Any]]:
+    """Every estimator on ``f``: ``{name: {"values", "seconds", "peak_mib"}}``, memoised (times included: they
+    are those of the first, cold computation)."""
+    def compute() -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, call in estimator_calls(f, **settings).items():
+            values, seconds, peak = timed(call)
+            out[name] = {"values": values, "seconds": seconds, "peak_mib": peak}
+        return out
+
+    key = {"model": f.model, "train": list(f.train), "test": list(f.test), "lrs": f.checkpoint_lrs,
+           "checkpoints": f.checkpoints, "settings": settings, "seed": f.seed}
+    return memoize("estimators_run", key, compute) if cache else compute()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_targets(f: Fitted, candidates: Sequence[int], *, cold_seeds: Sequence[int], pbrf_damping: float,
+                cache: bool = True) -> dict[str, Any]:
+    """Leave-one-out by cold start (``f.recipe``, L-BFGS to its tolerance, from fresh initialisations
+    ``cold_seeds``) and by warm start (the same recipe from θ̂), and the PBRF (the same recipe from θ̂, damping
+    ``pbrf_damping``), on the same ``candidates``: every retrained model held to the criterion θ̂ meets."""
+    warm = pbrf = f.recipe
+    removed = [int(i) for i in candidates]
+    theta = model_params(f.model)
+    return {
+        "LOO cold": retrain.cold_start(f.model, f.train, f.test, removed, f.recipe, list(cold_seeds), theta_hat=theta,
+                                       progress=False, cache=cache),
+        "LOO warm": retrain.warm_start(f.model, theta, f.train, f.test, removed, warm, progress=False, cache=cache),
+        "PBRF": retrain.pbrf(f.model, theta, f.train, f.test, removed, pbrf, damping=pbrf_damping, progress=False,
+                             cache=cache),
+    }
+
+
+def lds_target(f: Fitted, masks: np.ndarray, seeds: Sequence[int], *, cache: bool = True) -> retrain.SubsetRetraining:
+    """Models of ``f``'s architecture and recipe retrained from scratch on each subset of ``masks``."""
+    return retrain.on_subsets(f.model, f.train, f.test, masks, f.recipe, seeds, progress=False, cache=cache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# agreement per unit, summary, figure
+# ----------------------------------------------------------------------------------------------------------
+
+
+def agreement_rows(f: Fitted, runs: dict[str, dict[str, Any]], truths: dict[str, Any], candidates: Sequence[int],
+              lds_runs: dict[str, retrain.SubsetRetraining]) -> pd.DataFrame:
+    """One row per (estimator, target, test point): Pearson over the candidates (LOO, PBRF; Δ minus the drift
+    run) or the LDS (Spearman over subsets), with the cold start's noise ceiling √r_k for the LOO-cold rows."""
+    cand = np.asarray(candidates)
+    rows = []
+    for target, gt in truths.items():
+        delta = gt.delta_minus_drift  # [n_test, k]
+        ceilings = ([float(metrics.noise_ceiling(gt.delta_per_seed[:, t]).ceiling)
+                     for t in range(delta.shape[0])] if target == "LOO cold" and gt.delta_per_seed.shape[0] > 1
+                    else [np.nan] * delta.shape[0])
+        for name, run in runs.items():
+            for t, tname in enumerate(f.test_names):
+                rows.append({"target": target, "estimator": name, "test_point": tname,
+                             "value": metrics.pearson(run["values"][t, cand], delta[t]), "ceiling": ceilings[t]})
+    for target, sub in lds_runs.items():
+        for name, run in runs.items():
+            scores = metrics.lds(run["values"], sub.masks, sub.mean_losses)
+            rows += [{"target": target, "estimator": name, "test_point": tname, "value": float(scores[t]),
+                      "ceiling": np.nan} for t, tname in enumerate(f.test_names)]
+    out = pd.DataFrame(rows)
+    out.insert(0, "theta_seed", f.seed)
+    out.insert(0, "model", MODEL_NAMES[f.key])
+    return out
+
+
+def cost_rows(f: Fitted, runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([{"model": MODEL_NAMES[f.key], "theta_seed": f.seed, "estimator": k,
+                          "seconds": v["seconds"], "peak_mib": v["peak_mib"]} for k, v in runs.items()])
+
+
+def summary(units: pd.DataFrame, *, n_resamples: int, seed: int = 0) -> pd.DataFrame:
+    """Mean agreement per (model, estimator, target) over θ̂ seeds × test points with the two-stage bootstrap
+    interval, the median ceiling, and whether the interval lies above that of gradient similarity."""
+    rows = []
+    for (model, target, name), g in units.groupby(["model", "target", "estimator"], sort=False):
+        grid = g.pivot_table(index="theta_seed", columns="test_point", values="value", aggfunc="first")
+        if grid.isna().any().any():
+            raise ValueError(f"{model}/{target}/{name}: every test point of every θ̂ must be measured")
+        mean, low, high = hierarchical_mean_ci(grid.to_numpy(), n_resamples=n_resamples, seed=seed)
+        rows.append({"model": model, "target": target, "estimator": name, "value": mean, "low": low, "high": high,
+                     "ceiling": float(g["ceiling"].median()), "n_units": int(grid.size)})
+    out = pd.DataFrame(rows)
+    floor = out[out["estimator"] == "grad. similarity"].set_index(["model", "target"])["high"]
+    out["beats_similarity"] = [bool(r.low > floor[(r.model, r.target)]) for r in out.itertuples()]
+    return out
+
+
+def cost_summary(costs: pd.DataFrame) -> pd.DataFrame:
+    """Median seconds and peak MiB per (model, estimator) over θ̂ seeds."""
+    return costs.groupby(["model", "estimator"], sort=False)[["seconds", "peak_mib"]].median().reset_index()
+
+
+def display_table(summ: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """The chapter's one table: rows model × estimator, one column per target ("mean [low, high]"), cost."""
+    summ = summ.assign(text=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(summ.value, summ.low, summ.high)])
+    wide = summ.pivot_table(index=["model", "estimator"], columns="target", values="text", aggfunc="first",
+                            sort=False)
+    wide = wide[[t for t in TARGETS if t in wide.columns]]
+    cost = cost_summary(costs).set_index(["model", "estimator"])
+    wide["time [s]"] = cost["seconds"].map("{:.2f}".format)
+    wide["peak [MiB]"] = cost["peak_mib"].map("{:.0f}".format)
+    return wide
+
+
+def draw_summary(summ: pd.DataFrame, costs: pd.DataFrame, lds_labels: dict[str, str]):
+    """Rows: models; columns: the targets (mean agreement with its interval per estimator; the cold start's
+    noise ceiling dashed) and the cost (median seconds, log scale)."""
+    import matplotlib.pyplot as plt
+
+    from helpers import plots
+
+    model_list = list(dict.fromkeys(summ["model"]))
+    targets = [t for t in TARGETS if t in set(summ["target"])]
+    fig, axes = plt.subplots(len(model_list), len(targets) + 1, figsize=(2.3 * (len(targets) + 1),
+                                                                         0.5 + 2.6 * len(model_list)),
+                             sharey=True, squeeze=False)
+    ypos = np.arange(len(ESTIMATORS))[::-1]
+    for i, model in enumerate(model_list):
+        for j, target in enumerate(targets):
+            ax = axes[i, j]
+            g = summ[(summ.model == model) & (summ.target == target)].set_index("estimator").loc[list(ESTIMATORS)]
+            plots.ci_points(ax, ypos, g["value"], g["low"], g["high"], color="C0")
+            ax.axvline(0, color="0.6", lw=0.8)
+            if target == "LOO cold" and np.isfinite(g["ceiling"]).any():
+                ax.axvline(float(np.nanmedian(g["ceiling"])), color="C3", ls="--", lw=1, label="noise ceiling")
+                ax.legend(loc="lower left", fontsize=7)
+            ax.set_xlim(-1.05, 1.05)
+            if i == 0:
+                ax.set_title(lds_labels.get(target, target), fontsize=9)
+            if i == len(model_list) - 1:
+                ax.set_xlabel("LDS (Spearman)" if target.startswith("LDS") else "Pearson r")
+        c = costs[costs.model == model].groupby("estimator")["seconds"].median().loc[list(ESTIMATORS)]
+        ax = axes[i, -1]
+        ax.barh(ypos, c.to_numpy(), color="0.5")
+        ax.set_xscale("log")
+        if i == 0:
+            ax.set_title("cost", fontsize=9)
+        if i == len(model_list) - 1:
+            ax.set_xlabel("seconds (median over θ̂)")
+        axes[i, 0].set_yticks(ypos, list(ESTIMATORS), fontsize=8)
+        axes[i, 0].set_ylabel(model, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chapter's sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_chapter(*, models_run: Sequence[str], theta_seeds: Sequence[int], seed: int, n_train: int, n_test: int,
+                pool: int, width: int, cnn_width: int, lr: float, epochs: int, l2: float, n_checkpoints: int,
+                grad_tol: float, max_iter: int, damping: float, lissa_depth: int, arnoldi_rank: int,
+                trak_dims: Sequence[int], cg_rtol: float, k: int, cold_seeds: int, pbrf_damping: float,
+                alphas: Sequence[float], n_subsets: int, subset_seeds: int, threads: int = 1) -> dict[str, Any]:
+    """Every trial of the chapter: fits, estimators, targets, LDS retraining; returns the frames it shows."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = estimator_data(seed, n_train=n_train, n_test=n_test, pool=pool)
+    side = 28 // pool
+    recipe = Recipe(optimizer="adam", lr=lr, epochs=epochs, weight_decay=l2, schedule="cosine")
+    polish = Recipe(optimizer="lbfgs", lr=1.0, tol=grad_tol, max_iter=max_iter, weight_decay=l2)
+    masks = {a: metrics.random_subsets(n_train, a, n_subsets, seed=seed + 17) for a in alphas}
+    lds_names = {a: ("LDS α small", "LDS α large")[i] for i, a in enumerate(sorted(alphas))}
+    units, costs, fits, conv = [], [], [], []
+    settings = dict(damping=damping, lissa_depth=lissa_depth, arnoldi_rank=arnoldi_rank, trak_dims=list(trak_dims),
+                    cg_rtol=cg_rtol)
+    for key in models_run:
+        lds_runs = None
+        for s in theta_seeds:
+            model = build_trial_model(key, side, s, width=width, cnn_width=cnn_width)
+            f = fit_model(key, model, recipe, polish, *data[key], seed=s, n_checkpoints=n_checkpoints)
+            if lds_runs is None:  # subset models from scratch: the same for every θ̂ of the architecture
+                lds_runs = {lds_names[a]: lds_target(f, masks[a], range(100, 100 + subset_seeds)) for a in alphas}
+            runs = run_estimators(f, **settings)
+            cand = np.random.default_rng(seed * 1000 + s).choice(n_train, k, replace=False)
+            truths = run_targets(f, cand, cold_seeds=[1000 + s * 10 + j for j in range(cold_seeds)],
+                                 pbrf_damping=pbrf_damping)
+            units.append(agreement_rows(f, runs, truths, cand, lds_runs))
+            costs.append(cost_rows(f, runs))
+            fits.append(f)
+            conv.append(convergence_rows(f, truths, lds_runs))
+    return {"units": pd.concat(units, ignore_index=True), "costs": pd.concat(costs, ignore_index=True),
+            "fits": fits, "convergence": pd.concat(conv, ignore_index=True), "lds_names": lds_names,
+            "masks": masks}
+
+
+def convergence_rows(f: Fitted, truths: dict[str, Any], lds_runs: dict[str, retrain.SubsetRetraining]
+                     ) -> pd.DataFrame:
+    """The largest final gradient norm of θ̂ and of every retrained model, per target."""
+    rows = [{"what": "θ̂", "max_grad_norm": f.grad_norm}]
+    rows += [{"what": name, "max_grad_norm": float(np.max(gt.grad_norm))} for name, gt in truths.items()]
+    rows += [{"what": name, "max_grad_norm": float(np.max(sub.grad_norm))} for name, sub in lds_runs.items()]
+    out = pd.DataFrame(rows)
+    out.insert(0, "theta_seed", f.seed)
+    out.insert(0, "model", MODEL_NAMES[f.key])
+    return out
+
+
+def record_chapter(result: dict[str, Any], *, grad_tol: float, n_resamples: int) -> pd.DataFrame:
+    """Record the headline numbers and return the summary; glue the verdict sentences."""
+    summ = summary(result["units"], n_resamples=n_resamples)
+    conv = result["convergence"]
+    worst = conv.groupby("what", sort=False)["max_grad_norm"].max()
+    for what, v in worst.items():
+        book.record(f"grad_norm_{_slug(what)}", float(v), fmt="{:.1e}")
+    book.record("grad_tol", float(grad_tol), fmt="{:g}")
+    book.say("convergence_verdict", "every θ̂ and every retrained model met the criterion ‖∇R‖ ≤ "
+             f"{grad_tol:g}" if float(worst.max()) <= grad_tol else
+             f"not every model met the criterion ‖∇R‖ ≤ {grad_tol:g}: the worst is {worst.idxmax()} at "
+             f"{float(worst.max()):.1e} — read its rows with that in mind")
+    for r in summ.itertuples():
+        book.record_ci(f"{_slug(r.model)}_{_slug(r.estimator)}_{_slug(r.target)}", (r.value, r.low, r.high))
+    costs = cost_summary(result["costs"])
+    for r in costs.itertuples():
+        book.record(f"seconds_{_slug(r.model)}_{_slug(r.estimator)}", float(r.seconds), fmt="{:.2f}")
+    beats = summ[summ.beats_similarity & (summ.estimator != "grad. similarity")]
+    book.record("n_pairs_beating_similarity", int(len(beats)))
+    book.record("n_pairs", int((summ.estimator != "grad. similarity").sum()))
+    book.record("n_units", int(summ["n_units"].max()))
+    book.figure_data("summary", summ.assign(note=np.where(np.isfinite(summ["ceiling"]), "",
+                                                          "no noise ceiling: a deterministic target, or one seed")))
+    book.figure_data("costs", result["costs"])
+    return summ
+
+
+def ranking_by_target(summ: pd.DataFrame) -> pd.DataFrame:
+    """Per model and target, the estimators ranked by mean agreement (1 = best) — does the ranking change with the
+    target? The last column is Kendall's τ between each target's ranking and the LOO-cold one."""
+    out = summ.assign(rank=summ.groupby(["model", "target"])["value"].rank(ascending=False, method="min"))
+    wide = out.pivot_table(index=["model", "estimator"], columns="target", values="rank", sort=False)
+    wide = wide[[t for t in TARGETS if t in wide.columns]]
+    return wide.astype(int)
+
+
+def record_rankings(ranks: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Kendall's τ-b between each target's estimator ranking and the LOO-cold ranking, per model (recorded as
+    ``tau_<model>_<target>``); returns them."""
+    out = {}
+    for model, g in ranks.groupby(level=0, sort=False):
+        for target in g.columns:
+            if target == "LOO cold":
+                continue
+            tau = float(metrics.kendall(g["LOO cold"].to_numpy(float), g[target].to_numpy(float)))
+            book.record(f"tau_{_slug(model)}_{_slug(target)}", tau, fmt="{:.2f}")
+            out[(model, target)] = tau
+    return out
+
+
+def _slug(text: str) -> str:
+    text = text.lower().replace("α", "alpha").replace("θ̂", "theta")
+    slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in text)
+    while "__" in slug:
+        slug = slug.replace("__", "_")
+    return slug.strip("_")
+
+
+def threads_default() -> int:
+    return int(os.environ.get("BOOK_THREADS", "1"))
+
+
+def lds_labels(alphas: Sequence[float]) -> dict[str, str]:
+    """Column titles of the two LDS targets, with their α."""
+    small, large = sorted(alphas)
+    return {"LDS α small": f"LDS α = {small:g}", "LDS α large": f"LDS α = {large:g}"}
+
+
+def models_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per trained θ̂: parameters, test accuracy, ‖∇R(θ̂)‖ (records the largest per model too)."""
+    rows = [{"model": MODEL_NAMES[f.key], "θ̂ seed": f.seed, "parameters": f.n_params,
+             "test accuracy": round(f.acc_test, 3), "‖∇R(θ̂)‖": f"{f.grad_norm:.1e}"} for f in result["fits"]]
+    return pd.DataFrame(rows).set_index(["model", "θ̂ seed"])
+
+
+def say_findings(summ: pd.DataFrame, result: dict[str, Any], ranks: pd.DataFrame, *, alphas: Sequence[float],
+                 k: int, cold_seeds: int, n_train: int, n_subsets: int) -> None:
+    """Record the settings the prose quotes and glue the sentences of the chapter's findings."""
+    book.record("k", int(k))
+    book.record("cold_seeds", int(cold_seeds))
+    book.record("n_train", int(n_train))
+    book.record("n_subsets", int(n_subsets))
+    small, large = sorted(alphas)
+    book.record("alpha_small", float(small), fmt="{:g}")
+    book.record("alpha_large", float(large), fmt="{:g}")
+    taus = record_rankings(ranks)
+    labels = lds_labels(alphas)
+    by_model: dict[str, list[str]] = {}
+    for (model, target), tau in taus.items():
+        by_model.setdefault(model, []).append(f"{labels.get(target, target)} {tau:.2f}")
+    taus = [f"{model}: " + ", ".join(parts) for model, parts in by_model.items()]
+    book.say("ranking_text", "; ".join(taus))
+    beats = summ[summ.beats_similarity & (summ.estimator != "grad. similarity")]
+    if beats.empty:
+        book.say("beats_text", "no approximation's interval lies above gradient similarity's under any target")
+    else:
+        by = beats.groupby(["model", "target"], sort=False)["estimator"].apply(lambda s: ", ".join(s))
+        book.say("beats_text", "; ".join(f"{m} against {lds_labels(alphas).get(t, t)}: {e}"
+                                         for (m, t), e in by.items()))
+    control = summ[(summ.model == MODEL_NAMES["logreg"]) & (summ.estimator == "exact (CG)")].set_index("target")
+    for name, target in (("lds_exact_small", "LDS α small"), ("lds_exact_large", "LDS α large")):
+        if target in control.index:
+            r = control.loc[target]
+            book.record_ci(name, (r.value, r.low, r.high))
+        else:
+            for suffix in ("", "_low", "_high"):
+                book.record(name + suffix, book.NOT_RUN)
+    costs = cost_summary(result["costs"])
+    parts = []
+    for model, g in costs.groupby("model", sort=False):
+        g = g.set_index("estimator")
+        cheap = g["seconds"].idxmin()
+        parts.append(f"On the {model}, computing all influences takes {g.loc['exact (CG)', 'seconds']:.2f} s by CG "
+                     f"on all parameters, {g.loc['EK-FAC', 'seconds']:.2f} s by EK-FAC, "
+                     f"{g.loc['TRAK large', 'seconds']:.2f} s by TRAK at the larger projection and "
+                     f"{g.loc['grad. similarity', 'seconds']:.2f} s by gradient similarity; the cheapest is {cheap}.")
+    book.say("cost_text", " ".join(parts) + " Every time is that of one cold computation on one core, measured in "
+             "the build that filled the cache; peak memory is the resident-set high-water mark above the start.")
