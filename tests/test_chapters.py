@@ -208,7 +208,9 @@ def test_smoke_book_has_api_reference_and_bibliography(smoke_book: Path) -> None
     for name in ("influence.predict_removal", "retrain.warm_start", "curvature.hessian_operator", "cache.memoize",
                  "train.Recipe", "experiments.convex.verify", "experiments.nonconvex.run_deep",
                  "experiments.validation.run_protocols", "experiments.own_model.run_checklist", "dispatch.run_many",
-                 "closed_form.removal_estimate", "stacked.fit_stack", "solvers.lissa_path", "influence.loader_influence"):
+                 "closed_form.removal_estimate", "stacked.fit_stack", "solvers.lissa_path", "influence.loader_influence",
+                 "kronecker.kronecker_factors", "estimators.trak", "estimators.tracin", "metrics.lds",
+                 "retrain.on_subsets", "experiments.estimators.run_chapter"):
         assert f'id="helpers.{name}"' in api, f"API page lacks helpers.{name}"
     assert "Undefined substitution" not in api and "|ρ|" in api  # docstrings' absolute values survive
     bib = (smoke_book / "html" / "book" / "references.html").read_text()
