@@ -47,15 +47,18 @@ browser:
 	      echo "warning: could not install chromium; tests/test_browser.py will say how"; \
 	    else echo "note: chromium is missing; install it with: sudo apt-get install -y chromium"; fi; }
 
-## make bench: helpers against captum, dattri and pyDVL on problems P1 and P2 (benchmarks/peers; long, on demand)
-# The peers live outside the tested set: captum and dattri in the `bench` extra of .venv, pyDVL (numpy<2) in its
+## make bench: helpers against captum, dattri, kronfluence and pyDVL on problems P1 and P2 (benchmarks/peers; long, on demand)
+# The peers live outside the tested set: captum, dattri and kronfluence in the `bench` extra of .venv, pyDVL (numpy<2) in its
 # own .venv-pydvl, run as a subprocess. Never part of `make test`.
 PYDVL   := .venv-pydvl
 BENCH_STAMP := $(VENV)/.bench-installed
 PYDVL_STAMP := $(PYDVL)/.installed
 
+# kronfluence 1.0.1's wheel ships its own test suite as a top-level package named `tests`, which would shadow this
+# repository's tests/ (a namespace package) and break `make test`: it is removed right after the install.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	rm -rf $(VENV)/lib/python*/site-packages/tests
 	touch $@
 
 $(PYDVL_STAMP): benchmarks/peers/requirements-pydvl.txt

@@ -94,7 +94,9 @@ def estimator_data(seed: int, *, n_train: int, n_test: int, pool: int) -> dict[s
 def build_trial_model(key: str, side: int, seed: int, *, width: int, cnn_width: int) -> nn.Module:
     """The untrained model of ``key`` for ``side``×``side`` images (float64)."""
     if key == "logreg":
-        return models.build("logistic_regression", d_in=side * side, n_classes=10, bias=True, dtype=torch.float64)
+        # seeded too: the convex minimum does not depend on the start, but TracIn's checkpoints do
+        return models.build("logistic_regression", d_in=side * side, n_classes=10, bias=True, seed=seed,
+                            dtype=torch.float64)
     if key == "mlp":
         return models.build("mlp", d_in=side * side, n_classes=10, depth=1, width=width, activation="tanh",
                             seed=seed, dtype=torch.float64)
