@@ -30,7 +30,6 @@ its two-stage bootstrap interval; :func:`draw_summary` the chapter's one figure 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,10 +468,6 @@ def _slug(text: str) -> str:
     while "__" in slug:
         slug = slug.replace("__", "_")
     return slug.strip("_")
-
-
-def threads_default() -> int:
-    return int(os.environ.get("BOOK_THREADS", "1"))
 
 
 def lds_labels(alphas: Sequence[float]) -> dict[str, str]:
