@@ -33,9 +33,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from helpers import memory
+from helpers.layered import layered_product
 from helpers.objective import LOSS_NAMES, LossName, Params, objective, per_sample_losses
 
 CurvatureKind = Literal["hessian", "gauss_newton"]
+#: how :func:`hessian_operator` computes a product (its ``product`` argument)
+ProductName = Literal["auto", "autodiff", "layers"]
+PRODUCTS: tuple[str, ...] = ("auto", "autodiff", "layers")
 Which = Literal["LA", "SA", "LM"]
 
 #: with ``linearize=None``, operator calls (matvec/matmat) made with a plain jvp before the product is traced once
@@ -181,6 +185,8 @@ class CurvatureOperator:
         product_bytes: estimated peak memory of one product (one column), 0 when negligible or unknown: sets how
             many columns :meth:`matmat` vmaps at once (:func:`helpers.memory.chunk`).
         row_blocks: the product is summed over this many blocks of rows (1: all rows at once).
+        product: how a product is computed: ``"autodiff"`` or ``"layers"`` (:func:`hessian_operator`),
+            ``"matrix"`` (:meth:`from_matrix`), ``"callable"`` (any other function given to the constructor).
 
     Units: second derivative of the objective (loss units per parameter²).
     """
@@ -207,9 +213,13 @@ class CurvatureOperator:
         self.applications = 0
         self.product_bytes = 0.0
         self.row_blocks = 1
+        self.product = "matrix" if matrix is not None else "callable"
         self._matrix = matrix
         self._calls = 0
         self._upgrade: Callable[[], Callable[[Tensor], Tensor]] | None = None  # a faster product, built lazily
+        # a product that takes the k columns [d, k] natively (the layer-wise MLP backend): matmat calls it
+        # instead of vmapping the single-vector product
+        self._apply_columns: Callable[[Tensor], Tensor] | None = None
         self._upgrade_after = 0
         # builds the same operator in another dtype (set by the constructors that know how; see astype)
         self._rebuild: Callable[[torch.dtype], "CurvatureOperator"] | None = None
@@ -308,6 +318,12 @@ class CurvatureOperator:
         if chunk is None:
             chunk = self.column_chunk(V.shape[1])
             chunk = None if chunk >= V.shape[1] else chunk  # all at once: vmap's unchunked path, as before
+        if self._apply_columns is not None:
+            with torch.no_grad():
+                if chunk is None:
+                    return self._finite(self._apply_columns(V))
+                return self._finite(torch.cat([self._apply_columns(V[:, s : s + chunk])
+                                               for s in range(0, V.shape[1], chunk)], dim=1))
         self._maybe_upgrade(V.shape[1])
         with torch.no_grad():
             return self._finite(vmap(self._apply, in_dims=1, out_dims=1, chunk_size=chunk)(V))
@@ -416,6 +432,7 @@ def hessian_operator(
     chunk_size: int | None = None,
     linearize: bool | None = None,
     row_block: int | None = None,
+    product: ProductName = "auto",
 ) -> CurvatureOperator:
     """The curvature of R(θ) = Σ_i w_i ℓ(z_i, θ) + (λ/2)‖θ‖² at ``params`` with respect to ``params``.
 
@@ -445,6 +462,12 @@ def hessian_operator(
             batched call (≥ :data:`BATCHED` columns, where vmap already amortises most of the gain) counts a
             quarter. If
             tracing fails (data-dependent control flow in the model), the plain ``jvp`` is kept, with a warning.
+        product: how a product is computed. ``"auto"``: by the layer-wise formulas of :mod:`helpers.layered` when
+            the model is a multilayer perceptron it covers (:class:`helpers.models.MLP` or an ``nn.Sequential`` of
+            Linear layers and elementwise activations, all parameters in ``params``) and one block holds all rows
+            — the same matrix, measured 1.3× (float32) to 2× (float64) less CPU per 10-column product than the
+            traced autodiff one for the 784-64-10 MLP on 4,000 rows, and nothing to trace —; autodiff otherwise.
+            ``"autodiff"`` / ``"layers"`` insist (``"layers"`` raises for a model it does not cover).
 
     Returns:
         A :class:`CurvatureOperator` of dimension d = Σ numel(params). Cost per product: about two passes
@@ -456,6 +479,8 @@ def hessian_operator(
     """
     if kind not in ("hessian", "gauss_newton"):
         raise ValueError(f"unknown curvature kind {kind!r}: use 'hessian' or 'gauss_newton'")
+    if product not in PRODUCTS:
+        raise ValueError(f"unknown product {product!r}: use one of {PRODUCTS}")
     check_problem(model, params, x, y, weights=weights, loss=loss, what="train")
     n = x.shape[0]
     per_row = memory.HVP_FACTOR * _row_bytes(model, params, x, y, loss)
@@ -467,7 +492,19 @@ def hessian_operator(
     op = CurvatureOperator(lambda v: v, params, kind=kind, chunk_size=chunk_size)
     op.product_bytes = per_row * row_block
     op.row_blocks = -(-n // row_block)
-    if op.row_blocks > 1:
+    layered = None
+    if product != "autodiff" and op.row_blocks == 1:
+        layered = layered_product(model, params, x, y, weights=weights, l2=float(l2), loss=loss, kind=kind)
+    if product == "layers" and layered is None:
+        raise ValueError("product='layers' needs a multilayer perceptron (helpers.models.MLP or an nn.Sequential of "
+                         "nn.Linear layers and elementwise activations) with all of its parameters in params, "
+                         "loss 'cross_entropy' (integer labels) or 'mse', and all rows in one block: use "
+                         "product='auto'")
+    op.product = "layers" if layered is not None else "autodiff"
+    if layered is not None:
+        op._apply_columns = layered
+        op._apply = lambda v: layered(v[:, None])[:, 0]
+    elif op.row_blocks > 1:
         op._apply = _blocked_product(op, model, params, x, y, weights, float(l2), loss, kind, row_block)
     else:
         plain, traced = _product(op, model, params, x, y, weights, float(l2), loss, kind)
@@ -486,7 +523,7 @@ def hessian_operator(
         w_cast = None if weights is None else weights.to(dtype)
         return hessian_operator(cast, {k: v.to(dtype) for k, v in params.items()}, x_cast, y_cast, weights=w_cast,
                                 l2=l2, loss=loss, kind=kind, chunk_size=chunk_size, linearize=linearize,
-                                row_block=row_block)
+                                row_block=row_block, product=product)
 
     op._rebuild = rebuild
     return op

@@ -32,9 +32,13 @@ from helpers import memory
 from helpers.cache import memoize
 from helpers.curvature import CurvatureKind, check_problem, hessian_operator
 from helpers.kronecker import KINDS as KRONECKER_KINDS, kronecker_factors
+from helpers.layered import layered_directional
 from helpers.models import is_softmax_regression
-from helpers.objective import BACKENDS, Backend, LossName, Params, model_params, param_names, per_sample_losses
+from helpers.objective import BACKENDS, LossName, Params, model_params, param_names, per_sample_losses
 from helpers.solvers import Method, SolveResult, solve
+
+#: ``predict_removal``'s backends: the objective's (auto, autodiff, closed_form) and the layer-wise MLP products
+INFLUENCE_BACKENDS: tuple[str, ...] = (*BACKENDS, "layers")
 
 __all__ = ["IndexedDataset", "InfluenceResult", "LoaderInfluence", "directional_derivatives", "loader_influence",
            "per_sample_grads", "predict_param_change", "predict_removal"]
@@ -99,7 +103,8 @@ def directional_derivatives(
     """∇ℓ(z_i, θ)ᵀ v_j for every row i and every column v_j of ``V``: ``[k, n]`` — i.e. (G Vᵀ)ᵀ without forming G.
 
     ``V`` is ``[d, k]`` in the flat ``params``-dict order (as :func:`per_sample_grads`' columns). Computed as k
-    forward-mode derivatives of the per-sample losses along v_j (``vmap`` of ``jvp``): cost about k forward passes
+    forward-mode derivatives of the per-sample losses along v_j (``vmap`` of ``jvp``; for a multilayer perceptron
+    the layer-wise formula of :func:`helpers.layered.layered_directional`): cost about k forward passes
     with tangents over the n rows, memory k·n plus the activations of ``chunk_size`` columns at a time — by default
     as many as fit in :func:`helpers.memory.budget` (and, where one column over all n rows would not, the rows in
     blocks that do) — never the [n, d] gradient matrix, which for an MLP on a few thousand points is gigabytes.
@@ -118,6 +123,13 @@ def directional_derivatives(
     first = next(iter(params.values()))
     if V.dtype != first.dtype or V.device != first.device:
         raise TypeError(f"V is {V.dtype} on {V.device} but params are {first.dtype} on {first.device}: cast V")
+
+    # a multilayer perceptron: the layer-wise formula (helpers.layered), one primal pass and one matrix product
+    # per layer instead of k forward-mode passes (measured 0.05 s instead of 0.29 s for P2's MLP, k = 10)
+    with torch.no_grad():
+        out = layered_directional(model, params, x, y, V, loss, max_bytes=memory.budget() / 4)
+    if out is not None:
+        return _checked_finite(out)
 
     def unflat(flat: Tensor) -> dict[str, Tensor]:
         return {n: t.view(params[n].shape) for n, t in zip(names, torch.split(flat, sizes))}
@@ -143,6 +155,11 @@ def directional_derivatives(
         out = torch.cat([vmap(along_rows(x[s : s + rows], y[s : s + rows]), in_dims=1,
                               chunk_size=chunk_size if chunk_size is not None else auto_chunk)(V)
                          for s in range(0, n, rows)], dim=1)  # [k, n]
+    return _checked_finite(out)
+
+
+def _checked_finite(out: Tensor) -> Tensor:
+    """``out`` [k, n] of directional derivatives, or a ValueError naming its first non-finite row."""
     finite = torch.isfinite(out.sum(dim=0))
     if not bool(finite.all()):
         i = int(torch.nonzero(~finite)[0])
@@ -212,8 +229,10 @@ def _setup(
     loss: LossName,
     hessian: CurvatureKind,
     include_l2_in_hessian: bool,
+    backend: str = "auto",
 ) -> tuple[dict[str, Tensor], Any, Tensor, float]:
-    """Parameters, curvature operator and per-point weights shared by both public functions."""
+    """Parameters, curvature operator and per-point weights shared by both public functions (``backend``
+    ``"layers"`` / ``"autodiff"`` insist on that product, :func:`helpers.curvature.hessian_operator`)."""
     if not isinstance(train, (tuple, list)) or len(train) != 2:
         raise TypeError("train must be a pair (x_train, y_train)")
     names = param_names(model, params)
@@ -221,7 +240,8 @@ def _setup(
     x_tr, y_tr = train
     check_problem(model, P, x_tr, y_tr, weights=weights, loss=loss, what="train")
     l2_h = float(l2) if include_l2_in_hessian else 0.0
-    op = hessian_operator(model, P, x_tr, y_tr, weights=weights, l2=l2_h, loss=loss, kind=hessian)
+    product = backend if backend in ("layers", "autodiff") else "auto"
+    op = hessian_operator(model, P, x_tr, y_tr, weights=weights, l2=l2_h, loss=loss, kind=hessian, product=product)
     n = x_tr.shape[0]
     w = torch.full((n,), 1.0 / n, dtype=x_tr.dtype, device=x_tr.device) if weights is None else weights.to(x_tr)
     return P, op, w, l2_h
@@ -241,7 +261,7 @@ def predict_removal(
     hessian: CurvatureKind | str = "hessian",
     include_l2_in_hessian: bool = True,
     cache: bool = False,
-    backend: Backend = "auto",
+    backend: str = "auto",
     **solver_options: Any,
 ) -> InfluenceResult:
     """Predicted change of each test loss when each training point is removed: ``[n_test, n_train]``.
@@ -263,8 +283,10 @@ def predict_removal(
             values), the data and every option.
         backend: ``"auto"``: a bias-free :class:`~helpers.models.LogisticRegression` with cross-entropy, all of its
             weights and a numeric damping runs :func:`helpers.closed_form.removal_estimate` (closed forms; its
-            Gauss–Newton matrix is its Hessian, the model being linear), every other case autodiff;
-            ``"autodiff"`` / ``"closed_form"`` insist (the tests compare the two).
+            Gauss–Newton matrix is its Hessian, the model being linear); a multilayer perceptron with all of its
+            parameters gets the layer-wise products of :mod:`helpers.layered`; every other case autodiff
+            (:func:`helpers.curvature.hessian_operator`'s ``product="auto"``); ``"autodiff"`` /
+            ``"closed_form"`` / ``"layers"`` insist (the tests compare them).
         solver_options: also ``factor=`` (a :class:`helpers.closed_form.HessianFactor`) for the closed-form backend;
             ``preconditioner="kfac"`` or ``"ekfac"`` (with ``method="cg"`` and a numeric damping) preconditions CG on
             the exact H + δI with (K + (λ + δ)I)⁻¹ built from the same model and data (autodiff backend).
@@ -277,8 +299,8 @@ def predict_removal(
     """
     if not isinstance(test, (tuple, list)) or len(test) != 2:
         raise TypeError("test must be a pair (x_test, y_test)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in INFLUENCE_BACKENDS:
+        raise ValueError(f"backend must be one of {INFLUENCE_BACKENDS}, got {backend!r}")
     options = dict(params=params, l2=l2, weights=weights, loss=loss, method=method, damping=damping, hessian=hessian,
                    include_l2_in_hessian=include_l2_in_hessian, backend=backend, **solver_options)
     if cache:
@@ -291,7 +313,7 @@ def predict_removal(
     if backend == "closed_form" and not closed:
         raise ValueError("backend='closed_form' needs a bias-free LogisticRegression (helpers.closed_form.model_at), "
                          "loss='cross_entropy', all of its parameters and a numeric damping: use backend='auto'")
-    if closed and backend != "autodiff":
+    if closed and backend in ("auto", "closed_form"):
         from helpers.closed_form import removal_estimate  # the backend imports this module: load it on demand
 
         est = removal_estimate(train[0].flatten(1), train[1], test[0].flatten(1), test[1],
@@ -309,7 +331,7 @@ def predict_removal(
         result = _kronecker_solve(kronecker_factors(model, P, train[0], train[1], weights=weights, l2=l2_h,
                                                     loss=loss, kind=hessian), g_test.T.contiguous(), float(damping))
     else:
-        P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian)
+        P, op, w, l2_h = _setup(model, train, params, weights, l2, loss, hessian, include_l2_in_hessian, backend)
         check_problem(model, P, test[0], test[1], loss=loss, what="test")
         g_test = per_sample_grads(model, P, test[0], test[1], loss)  # [n_test, d]
         if kronecker_pre:

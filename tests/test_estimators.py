@@ -99,3 +99,27 @@ def test_refusals():
         estimators.trak(model, train, test, proj_dim=N + 5, loss="mse")
     with pytest.raises(ValueError, match="positive integer"):
         estimators.trak(model, train, test, proj_dim=0, loss="mse")
+
+
+def test_published_lds_comparison_maps_the_book_to_dattri() -> None:
+    """Chapter 4's table of dattri's published MNIST-10 numbers beside the book's (book/data/published_lds.csv,
+    transcribed from dattri's bar chart; provenance in published_lds.md)."""
+    import pandas as pd
+
+    from helpers.experiments import estimators as E
+
+    pub = pd.read_csv(E.PUBLISHED_LDS)
+    assert (E.PUBLISHED_LDS.parent / "published_lds.md").exists()
+    assert set(pub.target) == {"LOO", "LDS"} and pub.value.between(0, 1).all()
+    assert set(E.PUBLISHED_METHODS.values()) <= set(pub.method)
+    rows = [dict(model=m, estimator=e, target=t, value=0.1 * i, low=0.1 * i - 0.05, high=0.1 * i + 0.05)
+            for m in E.MODEL_NAMES.values() for i, e in enumerate(E.ESTIMATORS) for t in E.TARGETS]
+    table, text = E.published_comparison(pd.DataFrame(rows), [0.5, 0.9])
+    assert len(table) == 2 * len(E.PUBLISHED_METHODS)  # the convex control and the MLP; no CNN in dattri
+    row = table.loc[("softmax regression (convex) / logistic regression", "exact (CG) / CG")]
+    assert row["LDS: dattri"] == "0.80" and row["LOO: dattri"] == "0.88"
+    assert row["LDS α = 0.5: book [95% CI]"] == "0.00 [-0.05, 0.05]"
+    # the book's first among the methods in common: the highest value (grad. similarity is last in ESTIMATORS)
+    assert "the book ranks grad. similarity first (0.90), dattri CG (0.80)" in text
+    empty, none = E.published_comparison(pd.DataFrame(rows).query("model == 'small CNN'"), [0.5, 0.9])
+    assert empty.empty and "none of the two models" in none

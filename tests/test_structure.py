@@ -18,7 +18,7 @@ HELPERS = REPO / "helpers"
 #: the engine and its backends: the only modules allowed an optimiser, a Hessian or a solver
 ENGINE = {"data", "models", "objective", "train", "curvature", "solvers", "influence", "retrain", "metrics", "stats",
           "plots", "memory", "progress", "cache", "paper_data", "closed_form", "stacked",
-          "kronecker", "estimators"}
+          "kronecker", "estimators", "layered"}
 #: what an optimisation loop, a Hessian or a linear solve looks like in torch / scipy code
 FORBIDDEN = {
     "an optimiser": r"torch\.optim\b|\.step\(\)|scipy\.optimize|\.zero_grad\(",

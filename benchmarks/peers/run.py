@@ -204,6 +204,9 @@ def jobs(problem: str, meta: dict[str, Any], path: Path | None = None,
         ]
     else:
         out += [
+            # the layer-wise products of helpers.layered (P2's network is an MLP): the same matrix as autodiff's
+            Job(problem, "helpers", "generic:cg", [dict(r, backend="layers", **f32) for r in rtols], "cg",
+                label="layer-wise HVP, block CG, float32 refinement"),
             Job(problem, "helpers", "generic:exact", skip=no_dense, family="exact", label="Cholesky"),
             # issue 15: CG preconditioned by helpers' own EK-FAC of the same network (helpers.kronecker)
             Job(problem, "helpers", "generic:cg", [dict(r, preconditioner="ekfac", **f32) for r in rtols], "cg",

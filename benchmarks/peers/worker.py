@@ -129,7 +129,8 @@ def _helpers_model(P: Problem) -> nn.Module:
 def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], tuple[np.ndarray, dict]]:
     """helpers' methods; ``method`` is ``<entry point>:<solver>``.
 
-    * ``generic:<solver>`` — :func:`helpers.influence.predict_removal` (autodiff Hessian-vector products);
+    * ``generic:<solver>`` — :func:`helpers.influence.predict_removal` (autodiff Hessian-vector products, or the
+      layer-wise MLP products of :mod:`helpers.layered` when the options say ``backend="layers"``);
     * ``convex:<solver>`` — :func:`helpers.closed_form.removal_estimate` (P1 only: closed-form Hessian / products).
     """
     from helpers import closed_form
@@ -161,10 +162,13 @@ def run_helpers(P: Problem, method: str, opts: dict[str, Any]) -> Callable[[], t
                                         **opts)
             return r.values.numpy(), {"residual": r.solve.max_relative_residual, "iterations": r.solve.iterations}
     else:
+        # autodiff products unless the job asks for helpers.layered's (backend="layers": the MLP of P2)
+        backend = opts.get("backend", "autodiff")
+        opts = {k: v for k, v in opts.items() if k != "backend"}
 
         def call() -> tuple[np.ndarray, dict]:
             r = predict_removal(model, (P.x, P.y), (P.xt, P.yt), l2=P.l2, damping=P.damping, method=solver,
-                                backend="autodiff", **opts)  # opts may name hessian="ekfac", preconditioner=...
+                                backend=backend, **opts)  # opts may name hessian="ekfac", preconditioner=...
             return r.values.numpy(), {"residual": r.solve.max_relative_residual, "iterations": r.solve.iterations}
 
     return call

@@ -470,6 +470,63 @@ def _slug(text: str) -> str:
     return slug.strip("_")
 
 
+#: dattri's MNIST-10 benchmark (book/data/published_lds.md says where the numbers come from)
+PUBLISHED_LDS = Path(__file__).resolve().parents[2] / "book" / "data" / "published_lds.csv"
+#: the book's model → dattri's, and the book's estimator → dattri's method (TRAK on one model: dattri's TRAK-1)
+PUBLISHED_MODELS = {"softmax regression (convex)": "logistic regression", "MNIST MLP": "MLP"}
+PUBLISHED_METHODS = {"exact (CG)": "CG", "LiSSA": "LiSSA", "Arnoldi": "Arnoldi", "TRAK small": "TRAK-1",
+                     "TRAK large": "TRAK-1", "TracIn": "TracIn", "grad. similarity": "Grad-Dot"}
+
+
+def published_comparison(summ: pd.DataFrame, alphas: Sequence[float], path: Path = PUBLISHED_LDS
+                         ) -> tuple[pd.DataFrame, str]:
+    """The book's LOO (cold) and LDS at the α nearest 0.5 beside dattri's published MNIST-10 numbers, for the
+    estimators both have, on the two models both have: ``(table, sentence)``. The sentence compares, per model
+    and target, which method each ranks first among the estimators in common."""
+    pub = pd.read_csv(path)
+    missing = {"model", "method", "target", "value"} - set(pub.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+    alpha = min(alphas, key=lambda a: abs(a - 0.5))
+    lds = "LDS α small" if alpha == min(alphas) else "LDS α large"
+    targets = {"LOO cold": "LOO", lds: "LDS"}
+    rows, firsts = [], []
+    for model, theirs in PUBLISHED_MODELS.items():
+        mine = summ[summ.model == model]
+        if mine.empty:
+            continue
+        best: dict[str, dict[str, float]] = {t: {} for t in targets}
+        for name, method in PUBLISHED_METHODS.items():
+            row: dict[str, str] = {"model (book / dattri)": f"{model} / {theirs}",
+                                   "estimator (book / dattri)": f"{name} / {method}"}
+            for target, their_target in targets.items():
+                label = _target_label(target, alpha)
+                g = mine[(mine.estimator == name) & (mine.target == target)]
+                p = pub[(pub.model == theirs) & (pub.method == method) & (pub.target == their_target)]
+                row[f"{label}: book [95% CI]"] = (f"{g.value.iloc[0]:.2f} [{g.low.iloc[0]:.2f}, {g.high.iloc[0]:.2f}]"
+                                                  if not g.empty else "–")
+                row[f"{their_target}: dattri"] = f"{float(p.value.iloc[0]):.2f}" if not p.empty else "–"
+                if not g.empty and not p.empty:
+                    best[target][name] = float(g.value.iloc[0])
+            rows.append(row)
+        for target, their_target in targets.items():
+            common = best[target]
+            theirs_sub = pub[(pub.model == theirs) & (pub.target == their_target)
+                             & pub.method.isin([PUBLISHED_METHODS[e] for e in common])]
+            if common and not theirs_sub.empty:
+                mine_first = max(common, key=common.get)
+                their_first = theirs_sub.loc[theirs_sub.value.idxmax()]
+                firsts.append(f"{model}, {_target_label(target, alpha)}: the book ranks {mine_first} first "
+                              f"({common[mine_first]:.2f}), dattri {their_first.method} ({their_first.value:.2f})")
+    if not rows:
+        return pd.DataFrame(rows), "none of the two models dattri benchmarks ran in this profile"
+    return pd.DataFrame(rows).set_index(["model (book / dattri)", "estimator (book / dattri)"]), "; ".join(firsts)
+
+
+def _target_label(target: str, alpha: float) -> str:
+    return f"LDS α = {alpha:g}" if target.startswith("LDS") else "LOO (cold)"
+
+
 def lds_labels(alphas: Sequence[float]) -> dict[str, str]:
     """Column titles of the two LDS targets, with their α."""
     small, large = sorted(alphas)
