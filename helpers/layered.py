@@ -7,7 +7,7 @@ For a chain of ``nn.Linear`` layers and elementwise activations — :class:`help
 of adjoint tangents. With layers z_l = h_{l−1} W_lᵀ + b_l, h_l = σ(z_l), output f = z_L, loss gradient g_f and
 output Hessian H_f (softmax cross-entropy: diag(p) − ppᵀ; mse: I), per-row weights w_i, and the primal
 backward pass g_{z_L} = w ⊙ g_f, g_{h_{l−1}} = g_{z_l} W_l, g_{z_{l−1}} = g_{h_{l−1}} ⊙ σ'(z_{l−1}), the product
-with a direction (V_l, c_l) is
+with a direction (V_l, c_l) is::
 
     forward   ż_l = ḣ_{l−1} W_lᵀ + h_{l−1} V_lᵀ + c_l,        ḣ_l = σ'(z_l) ⊙ ż_l          (ḣ_0 = 0)
     output    ġ_{z_L} = w ⊙ H_f ż_L
