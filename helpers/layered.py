@@ -22,6 +22,11 @@ the columns of one matrix product per layer and direction: for the 784-64-10 MLP
 [4,000 × 784] × [784 × 64k] products dominate, the arithmetic an autodiff product cannot avoid, without its
 bookkeeping or a recomputed primal pass (``benchmarks/bench_layered_products.py`` measures both).
 
+Columns of the input that are zero in every row (an image's blank border — 125 of MNIST's 784 pixels in P2 —,
+a one-hot level no row takes) add nothing to the first layer's products, so they are left out of both of its
+matrix products (:func:`_used_columns`): their entries of the product are exact zeros (plus λV), as the full
+product would give.
+
 σ' and σ'' come from autodiff of the activation module at the cached pre-activations (so any elementwise
 activation works: ReLU's σ'' is 0, as autodiff's is). The tests compare every product with the dense autodiff
 Hessian and Gauss–Newton matrix to float64 round-off (``tests/test_layered.py``).
@@ -102,6 +107,25 @@ def _activation_derivatives(act: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, 
         d1, = torch.autograd.grad(h.sum(), zz, create_graph=True)
         d2 = torch.autograd.grad(d1.sum(), zz, allow_unused=True)[0] if d1.requires_grad else None
     return h.detach(), d1.detach(), torch.zeros_like(z) if d2 is None else d2.detach()
+
+
+#: leave blank input columns out of the first layer's products once they are at least this share of them (below
+#: it, gathering the used columns of every direction costs about what it saves)
+BLANK_SHARE = 1 / 32
+
+
+def _used_columns(h0: Tensor) -> Tensor | None:
+    """Indices of the columns of the input ``h0`` ``[n, in]`` that are nonzero in some row, or ``None`` when fewer
+    than :data:`BLANK_SHARE` of them are blank (then every column is used as it is)."""
+    used = (h0 != 0).any(dim=0)
+    if (~used).sum().item() < BLANK_SHARE * h0.shape[1]:
+        return None
+    return used.nonzero().squeeze(1)
+
+
+def _first_layer_input(hs0: Tensor, V: Tensor, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The first layer's input and a direction tensor ``V`` ``[..., in]`` restricted to the used columns."""
+    return (hs0, V) if cols is None else (hs0[:, cols].contiguous(), V[..., cols])
 
 
 @dataclass
@@ -203,6 +227,8 @@ def layered_product(
     n = hs[0].shape[0]
     w = pr.g_zs[-1].new_full((n,), 1.0 / n) if weights is None else weights.to(hs[0])
     exact = kind == "hessian"
+    cols = _used_columns(hs[0])
+    h0_used = hs[0] if cols is None else hs[0][:, cols].contiguous()
     shapes = {k: v.shape for k, v in theta.items()}
     order = list(params)
     sizes = [theta[k].numel() for k in order]
@@ -220,7 +246,8 @@ def layered_product(
         for i, (wn, bn, _) in enumerate(layers):
             W = theta[wn]
             out, inp = W.shape
-            zd = (hs[i] @ Vw[wn].permute(2, 0, 1).reshape(inp, k * out)).view(n, k, out)
+            h_in, V_in = (h0_used, Vw[wn] if cols is None else Vw[wn][..., cols]) if i == 0 else (hs[i], Vw[wn])
+            zd = (h_in @ V_in.permute(2, 0, 1).reshape(h_in.shape[1], k * out)).view(n, k, out)
             if hdot is not None:
                 zd = zd + (hdot.reshape(n * k, inp) @ W.T).view(n, k, out)
             if bn is not None:
@@ -241,7 +268,11 @@ def layered_product(
             W = theta[wn]
             out, inp = W.shape
             # (HV)_W = ġ_zᵀ h (+ g_zᵀ ḣ): one [k·out, n] × [n, in] product, and one [out, n] × [n, k·in]
-            HW = (gdot.reshape(n, k * out).T @ hs[i]).view(k, out, inp)
+            if i == 0 and cols is not None:  # the blank columns' entries stay exact zeros
+                HW = gdot.new_zeros(k, out, inp)
+                HW[..., cols] = (gdot.reshape(n, k * out).T @ h0_used).view(k, out, -1)
+            else:
+                HW = (gdot.reshape(n, k * out).T @ hs[i]).view(k, out, inp)
             if exact and i > 0:
                 HW = HW + (g_zs[i].T @ hdots[i - 1].reshape(n, k * inp)).view(out, k, inp).transpose(0, 1)
             if l2:
@@ -288,11 +319,13 @@ def layered_directional(model: nn.Module, params: Params, x: Tensor, y: Tensor, 
         if pr is None:
             return None
         m = pr.hs[0].shape[0]
+        cols = _used_columns(pr.hs[0])
         D = torch.zeros(m, k, dtype=V.dtype, device=V.device)
         for i, (wn, bn, _) in enumerate(layers):
             o, inp = params[wn].shape
             Vl = blocks[wn].T.reshape(k, o, inp)
-            T = (pr.hs[i] @ Vl.permute(2, 0, 1).reshape(inp, k * o)).view(m, k, o)
+            h_in, V_in = _first_layer_input(pr.hs[0], Vl, cols) if i == 0 else (pr.hs[i], Vl)
+            T = (h_in @ V_in.permute(2, 0, 1).reshape(h_in.shape[1], k * o)).view(m, k, o)
             D += (T * pr.g_zs[i][:, None, :]).sum(dim=-1)
             if bn is not None:
                 D += pr.g_zs[i] @ blocks[bn]

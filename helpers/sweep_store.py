@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from helpers import provenance
 from helpers.cache import REPO_ROOT
 from helpers.experiments.nonconvex import IrisSweepConfig, IrisSweepResult, run_iris_chunk, run_iris_sweeps
 
@@ -66,6 +66,12 @@ def is_stored(task: dict[str, Any], config: IrisSweepConfig, store: Path = STORE
     return json.loads(prov.read_text())["config"] == _as_json(dataclasses.asdict(config))
 
 
+def stored_machine(task: dict[str, Any], store: Path = STORE) -> dict[str, Any]:
+    """The machine a stored chunk was computed on, as its provenance recorded it (:func:`helpers.provenance.machine`;
+    chunks stored before the numerics fingerprint was recorded lack that field)."""
+    return json.loads((store / chunk_name(task) / "provenance.json").read_text())["machine"]
+
+
 def _as_json(value: Any) -> Any:
     """The value as a JSON round trip gives it back (tuples become lists), for comparisons with stored JSON."""
     return json.loads(json.dumps(value))
@@ -88,17 +94,10 @@ def write_chunk(task: dict[str, Any], result: IrisSweepResult, config: IrisSweep
         os.replace(tmp, folder / f"{t}.csv.gz")
     prov = {"task": task, "config": dataclasses.asdict(config), "command": command or " ".join(sys.argv),
             **(code or code_version()), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"node": platform.node(), "system": platform.platform(), "cpus": os.cpu_count(),
-                        "python": platform.python_version(), "torch": _torch_version()},
+            "machine": provenance.machine(),
             "wall_s": round(wall_s, 1)}
     (folder / "provenance.json").write_text(json.dumps(prov, indent=1, default=list) + "\n")
     return folder
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def load_stored(store: Path = STORE, config: IrisSweepConfig | None = None

@@ -118,3 +118,28 @@ def test_directional_derivatives_match_the_per_sample_gradients_in_row_blocks(lo
     cnn = models.build("small_cnn", in_channels=1, input_size=8, n_classes=3, width=2, dtype=torch.float64)
     assert layered_directional(cnn, model_params(cnn), torch.randn(3, 1, 8, 8, dtype=torch.float64),
                                    torch.tensor([0, 1, 2]), V[:1], "cross_entropy", max_bytes=1e9) is None
+
+
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+def test_blank_input_columns_are_left_out_exactly(kind) -> None:
+    """Input columns that are zero in every row (an image's blank border) are skipped in the first layer's
+    products: the products and the directional derivatives still equal the dense autodiff ones, and the blank
+    columns' entries of a product are exactly λV."""
+    from helpers import layered
+    from helpers.influence import per_sample_grads
+
+    m, x, y = _problem(1, "tanh", "cross_entropy", n=40)
+    x[:, [0, 3]] = 0.0  # 2 of 5 columns blank in every row
+    assert layered._used_columns(x).tolist() == [1, 2, 4] and layered._used_columns(torch.ones(3, 40)) is None
+    P = model_params(m)
+    dense = hessian_operator(m, P, x, y, l2=0.3, kind=kind, product="autodiff").dense()
+    got = layered_product(m, P, x, y, weights=None, l2=0.3, loss="cross_entropy", kind=kind)(
+        torch.eye(dense.shape[0], dtype=torch.float64))
+    assert torch.allclose(got, dense, rtol=0, atol=1e-13 * float(dense.abs().max()))
+    V = torch.randn(dense.shape[0], 3, dtype=torch.float64)
+    HV = layered_product(m, P, x, y, weights=None, l2=0.3, loss="cross_entropy", kind=kind)(V)
+    W1 = slice(0, 4 * 5)  # the first layer's weight [out=4, in=5] leads the flat order
+    assert torch.equal(HV[W1].view(4, 5, 3)[:, [0, 3]], 0.3 * V[W1].view(4, 5, 3)[:, [0, 3]])
+    want = (per_sample_grads(m, P, x, y, "cross_entropy") @ V).T
+    got_d = layered.layered_directional(m, P, x, y, V, "cross_entropy", max_bytes=1e9)
+    assert torch.allclose(got_d, want, rtol=0, atol=1e-13 * float(want.abs().max()))

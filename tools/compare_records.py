@@ -1,5 +1,9 @@
 """Compare a build's records with pinned ones: ``python tools/compare_records.py PINNED.json RECORDS_DIR``.
 
+Re-pin after a deliberate change: ``python tools/compare_records.py --pin PINNED.json RECORDS_DIR --why "..."``
+rewrites ``PINNED.json`` from the build's records, appends the reason to its ``_provenance.changes`` and records
+the commit, date and machine (with :func:`helpers.provenance.numerics_fingerprint`).
+
 ``PINNED.json`` maps chapter → {record: value} (``tests/data/smoke_records.json`` for the smoke book,
 ``tests/data/default_records.json`` for the default one); ``RECORDS_DIR`` is a build's ``records/`` folder
 (``_build/records`` after ``make book``). Prints every difference — a record that is new, gone, or differs beyond
@@ -9,11 +13,16 @@ paper-profile store (``stored_*``) are left out: they change without any code ch
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOLATILE_PREFIXES = ("stored_", "seconds")
 # Six significant digits: equal on this machine bit for bit (two builds agree exactly), with room for another
@@ -55,14 +64,61 @@ def differences(pinned: dict[str, Any], records_dir: Path) -> list[str]:
     return problems
 
 
+def _records(records_dir: Path, chapters: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for chapter in chapters:
+        got = json.loads((Path(records_dir) / f"{chapter}.json").read_text())
+        out[chapter] = {k: v for k, v in got.items() if k != "_meta" and not k.startswith(VOLATILE_PREFIXES)}
+    return out
+
+
+def pin(pinned_path: Path, records_dir: Path, why: str) -> dict[str, Any]:
+    """Rewrite ``pinned_path`` from the records of the chapters it pins (or, for a new file, of every chapter in
+    ``records_dir``); the old provenance is kept, with ``why`` appended to its changes."""
+    sys.path.insert(0, str(REPO))
+    from helpers import provenance  # torch is imported only for a re-pin
+
+    old = json.loads(pinned_path.read_text()) if pinned_path.exists() else {}
+    chapters = [k for k in old if not k.startswith("_")] or sorted(p.stem for p in Path(records_dir).glob("*.json"))
+    prov = dict(old.get("_provenance", {}))
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    prov.update({"git_sha": sha or "unknown", "date": time.strftime("%Y-%m-%d"), "machine": provenance.machine()})
+    prov["changes"] = [*prov.get("changes", []), why]
+    new = {"_provenance": prov, **_records(records_dir, chapters)}
+    pinned_path.write_text(json.dumps(new, indent=1) + "\n")
+    return new
+
+
+def machine_note(pinned: dict[str, Any]) -> str:
+    """Whether the pins were made on a machine that rounds as this one does (empty when it does or when helpers
+    cannot be imported)."""
+    try:
+        sys.path.insert(0, str(REPO))
+        from helpers import provenance
+    except ImportError:
+        return ""
+    machine = pinned.get("_provenance", {}).get("machine")
+    return provenance.mismatch_note(machine if isinstance(machine, dict) else None)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(__doc__.splitlines()[0], file=sys.stderr)
-        return 2
-    pinned = json.loads(Path(argv[0]).read_text())
-    problems = differences(pinned, Path(argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pinned", type=Path)
+    parser.add_argument("records_dir", type=Path)
+    parser.add_argument("--pin", action="store_true", help="rewrite PINNED from RECORDS_DIR instead of comparing")
+    parser.add_argument("--why", default="", help="with --pin: the reason, kept in the file's provenance")
+    args = parser.parse_args(argv)
+    if args.pin:
+        if not args.why:
+            parser.error("--pin needs --why: say what changed the numbers and why (it is kept in the file)")
+        new = pin(args.pinned, args.records_dir, args.why)
+        print(f"pinned {sum(len(v) for k, v in new.items() if not k.startswith('_'))} records in {args.pinned}")
+        return 0
+    pinned = json.loads(args.pinned.read_text())
+    problems = differences(pinned, args.records_dir)
     n = sum(len(v) for k, v in pinned.items() if not k.startswith("_"))
-    print("\n".join(problems) if problems else f"all {n} pinned records equal those in {argv[1]}")
+    print("\n".join(problems + [machine_note(pinned)]) if problems
+          else f"all {n} pinned records equal those in {args.records_dir}")
     return 1 if problems else 0
 
 
