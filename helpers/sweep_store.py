@@ -160,8 +160,17 @@ def borrow(config: IrisSweepConfig, regimes: Sequence[str], store: Path = STORE)
 
 
 def recompute(task: dict[str, Any], config: IrisSweepConfig | None = None) -> IrisSweepResult:
-    """Recompute one stored chunk from its seeds, uncached (the same members in the same ensemble: exact)."""
-    return run_iris_chunk(config or paper_config(), **task, cache=False)
+    """Recompute one stored chunk from its seeds, uncached (the same members in the same ensemble: exact), on one
+    thread as :func:`run` computes every chunk (its workers have one thread each): with two, some reductions
+    round differently (seen: Pearson correlations moving by 4e-6)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_iris_chunk(config or paper_config(), **task, cache=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def by_block(task: dict[str, Any]) -> tuple:

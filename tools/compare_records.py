@@ -85,7 +85,7 @@ def pin(pinned_path: Path, records_dir: Path, why: str) -> dict[str, Any]:
     prov.update({"git_sha": sha or "unknown", "date": time.strftime("%Y-%m-%d"), "machine": provenance.machine()})
     prov["changes"] = [*prov.get("changes", []), why]
     new = {"_provenance": prov, **_records(records_dir, chapters)}
-    pinned_path.write_text(json.dumps(new, indent=1) + "\n")
+    pinned_path.write_text(json.dumps(new, indent=1, ensure_ascii=False) + "\n")
     return new
 
 
