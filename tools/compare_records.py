@@ -25,8 +25,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 VOLATILE_PREFIXES = ("stored_", "seconds")
-# Six significant digits: equal on this machine bit for bit (two builds agree exactly), with room for another
-# CPU's rounding of the same arithmetic; any change of method moves a number by far more.
+# Six significant digits: two builds on one machine agree bit for bit, and any change of method moves a number by
+# far more. Another kind of CPU rounds differently, which long training runs amplify beyond any such tolerance:
+# pins name the machine they hold on (helpers.provenance), and a comparison says when it is not this one.
 REL_TOL = 1e-6
 
 
@@ -43,6 +44,11 @@ def value_differences(pinned: Any, got: Any, where: str) -> list[str]:
     return [] if pinned == got else [f"{where}: pinned {str(pinned)[:120]!r}, got {str(got)[:120]!r}"]
 
 
+def _stable(records: dict[str, Any]) -> dict[str, Any]:
+    """A chapter's records without its metadata and the volatile ones."""
+    return {k: v for k, v in records.items() if k != "_meta" and not k.startswith(VOLATILE_PREFIXES)}
+
+
 def differences(pinned: dict[str, Any], records_dir: Path) -> list[str]:
     """Every difference between the pinned records (chapter → records; keys starting with ``_`` are metadata) and
     the ``<chapter>.json`` files of ``records_dir``."""
@@ -54,8 +60,7 @@ def differences(pinned: dict[str, Any], records_dir: Path) -> list[str]:
         if not path.exists():
             problems.append(f"{chapter}: no records at {path} (was the chapter built?)")
             continue
-        got = json.loads(path.read_text())
-        got = {k: v for k, v in got.items() if k != "_meta" and not k.startswith(VOLATILE_PREFIXES)}
+        got = _stable(json.loads(path.read_text()))
         numbers = {k: v for k, v in numbers.items() if not k.startswith(VOLATILE_PREFIXES)}
         problems += [f"{chapter}: new record {k!r}" for k in sorted(got.keys() - numbers.keys())]
         problems += [f"{chapter}: record {k!r} is gone" for k in sorted(numbers.keys() - got.keys())]
@@ -65,11 +70,7 @@ def differences(pinned: dict[str, Any], records_dir: Path) -> list[str]:
 
 
 def _records(records_dir: Path, chapters: list[str]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for chapter in chapters:
-        got = json.loads((Path(records_dir) / f"{chapter}.json").read_text())
-        out[chapter] = {k: v for k, v in got.items() if k != "_meta" and not k.startswith(VOLATILE_PREFIXES)}
-    return out
+    return {ch: _stable(json.loads((Path(records_dir) / f"{ch}.json").read_text())) for ch in chapters}
 
 
 def pin(pinned_path: Path, records_dir: Path, why: str) -> dict[str, Any]:
