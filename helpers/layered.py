@@ -123,9 +123,9 @@ def _used_columns(h0: Tensor) -> Tensor | None:
     return used.nonzero().squeeze(1)
 
 
-def _first_layer_input(hs0: Tensor, V: Tensor, cols: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The first layer's input and a direction tensor ``V`` ``[..., in]`` restricted to the used columns."""
-    return (hs0, V) if cols is None else (hs0[:, cols].contiguous(), V[..., cols])
+def _on_used(V: Tensor, cols: Tensor | None) -> Tensor:
+    """A first-layer tensor ``[..., in]`` (a direction, or the input) restricted to the used columns."""
+    return V if cols is None else V[..., cols]
 
 
 @dataclass
@@ -228,7 +228,7 @@ def layered_product(
     w = pr.g_zs[-1].new_full((n,), 1.0 / n) if weights is None else weights.to(hs[0])
     exact = kind == "hessian"
     cols = _used_columns(hs[0])
-    h0_used = hs[0] if cols is None else hs[0][:, cols].contiguous()
+    h0_used = _on_used(hs[0], cols).contiguous()  # once: every product reads it
     shapes = {k: v.shape for k, v in theta.items()}
     order = list(params)
     sizes = [theta[k].numel() for k in order]
@@ -246,7 +246,7 @@ def layered_product(
         for i, (wn, bn, _) in enumerate(layers):
             W = theta[wn]
             out, inp = W.shape
-            h_in, V_in = (h0_used, Vw[wn] if cols is None else Vw[wn][..., cols]) if i == 0 else (hs[i], Vw[wn])
+            h_in, V_in = (h0_used, _on_used(Vw[wn], cols)) if i == 0 else (hs[i], Vw[wn])
             zd = (h_in @ V_in.permute(2, 0, 1).reshape(h_in.shape[1], k * out)).view(n, k, out)
             if hdot is not None:
                 zd = zd + (hdot.reshape(n * k, inp) @ W.T).view(n, k, out)
@@ -324,7 +324,7 @@ def layered_directional(model: nn.Module, params: Params, x: Tensor, y: Tensor, 
         for i, (wn, bn, _) in enumerate(layers):
             o, inp = params[wn].shape
             Vl = blocks[wn].T.reshape(k, o, inp)
-            h_in, V_in = _first_layer_input(pr.hs[0], Vl, cols) if i == 0 else (pr.hs[i], Vl)
+            h_in, V_in = (_on_used(pr.hs[0], cols), _on_used(Vl, cols)) if i == 0 else (pr.hs[i], Vl)
             T = (h_in @ V_in.permute(2, 0, 1).reshape(h_in.shape[1], k * o)).view(m, k, o)
             D += (T * pr.g_zs[i][:, None, :]).sum(dim=-1)
             if bn is not None:
