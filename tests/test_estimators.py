@@ -123,3 +123,77 @@ def test_published_lds_comparison_maps_the_book_to_dattri() -> None:
     assert "the book ranks grad. similarity first (0.90), dattri CG (0.80)" in text
     empty, none = E.published_comparison(pd.DataFrame(rows).query("model == 'small CNN'"), [0.5, 0.9])
     assert empty.empty and "none of the two models" in none
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chapter's own calls (helpers.experiments.estimators.estimator_calls), every estimator by name
+# ----------------------------------------------------------------------------------------------------------
+
+L2, DAMPING = 0.1, 0.05
+
+
+def _fitted(orthonormal: bool, l2: float, lr: float = 1.0):
+    """A least-squares θ̂ wrapped as the chapter's ``Fitted`` (recipe: mse, λ = ``l2``; one checkpoint at θ̂ with
+    learning rate ``lr``)."""
+    from helpers.experiments.estimators import Fitted
+    from helpers.train import Recipe
+
+    model, train, test = _regression(orthonormal=orthonormal)
+    return Fitted(key="least_squares", seed=0, model=model, recipe=Recipe(loss="mse", weight_decay=l2), train=train,
+                  test=test, checkpoints=[model_params(model)], checkpoint_lrs=[lr], grad_norm=float("nan"),
+                  acc_test=float("nan"))
+
+
+def _chapter_call(name: str, f, *, damping: float, proj_dim: int = 2) -> torch.Tensor:
+    from helpers.experiments.estimators import estimator_calls
+
+    calls = estimator_calls(f, damping=damping, lissa_depth=3000, arnoldi_rank=f.n_params,
+                            trak_dims=[proj_dim, proj_dim], cg_rtol=1e-13)
+    return torch.as_tensor(calls[name]())
+
+
+def _exact(f, damping: float) -> torch.Tensor:
+    return predict_removal(f.model, f.train, f.test, l2=f.recipe.weight_decay, damping=damping, loss="mse",
+                           backend="autodiff").values
+
+
+def _case_hessian_based(name: str):
+    # exact by construction: the Hessian of least squares is its Gauss–Newton matrix and K-FAC's one factor
+    f = _fitted(orthonormal=False, l2=L2)
+    tol = {"LiSSA": 1e-6, "Arnoldi": 1e-8}.get(name, 1e-10)
+    return _chapter_call(name, f, damping=DAMPING), _exact(f, DAMPING), tol
+
+
+def _case_trak(name: str):
+    # exact with an invertible square projection and no damping (module docstring)
+    f = _fitted(orthonormal=False, l2=0.0)
+    return _chapter_call(name, f, damping=0.0, proj_dim=f.n_params), _exact(f, 0.0), 1e-8
+
+
+def _case_identity(name: str):
+    # XᵀX/n = I: (H + (λ + δ)I)⁻¹ = I/(1 + λ + δ); TracIn's one checkpoint at θ̂ carries that factor as its rate,
+    # gradient similarity (η = 1) is divided by it here
+    scale = 1 + L2 + DAMPING
+    f = _fitted(orthonormal=True, l2=L2, lr=1 / scale)
+    got = _chapter_call(name, f, damping=DAMPING)
+    return (got / scale if name == "grad. similarity" else got), _exact(f, DAMPING), 1e-10
+
+
+CHAPTER_CASES = {"exact (CG)": _case_hessian_based, "exact, last layer": _case_hessian_based,
+                 "EK-FAC": _case_hessian_based, "K-FAC": _case_hessian_based, "LiSSA": _case_hessian_based,
+                 "Arnoldi": _case_hessian_based, "TRAK small": _case_trak, "TRAK large": _case_trak,
+                 "TracIn": _case_identity, "grad. similarity": _case_identity}
+
+
+def test_every_chapter_estimator_has_a_conversion_check():
+    from helpers.experiments.estimators import ESTIMATORS
+
+    assert set(CHAPTER_CASES) == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("name", list(CHAPTER_CASES))
+def test_the_chapter_calls_each_estimator_in_the_books_convention(name):
+    """Each of chapter 4's estimators, called as the chapter calls it (its damping, λ and loss from the recipe),
+    equals exact influence [n_test, n_train] on a convex case where it must."""
+    got, exact, tol = CHAPTER_CASES[name](name)
+    _close(got.to(exact.dtype), exact, tol)

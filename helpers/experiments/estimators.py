@@ -6,8 +6,9 @@ each (estimator, target) pair measured per test point — so that trained models
 replication (:func:`helpers.stats.hierarchical_mean_ci`: models first, then test points within a model).
 
 Models (:data:`MODEL_NAMES`): the convex control (softmax regression), the book's MNIST MLP and its small CNN, on
-``mnist5k`` images average-pooled by ``pool`` (14×14 by default: the retraining ensembles of the LDS and of
-cold-start leave-one-out then fit the chapter's 15 minutes). All in float64. θ̂: full-batch Adam with a cosine
+``mnist5k`` images average-pooled by ``pool`` (7×7 at the chapter's default of 4, 14×14 in the paper profile: at
+7×7 and 200 training points the retraining ensembles of the LDS and of cold-start leave-one-out fit the chapter's
+15 minutes). All in float64. θ̂: full-batch Adam with a cosine
 schedule, whose checkpoints and learning rates TracIn uses, then full-batch L-BFGS to ‖∇R‖ ≤ ``grad_tol``; every
 retrained model (cold and warm start, PBRF, subset models) runs the same L-BFGS to the same tolerance, and the
 largest final gradient norm of each kind is recorded — the stated convergence criterion of the checklist.
@@ -185,8 +186,8 @@ def timed(fn: Callable[[], Tensor]) -> tuple[np.ndarray, float, float]:
 def estimator_calls(f: Fitted, *, damping: float, lissa_depth: int, arnoldi_rank: int, trak_dims: Sequence[int],
                     cg_rtol: float) -> dict[str, Callable[[], Tensor]]:
     """The chapter's estimators on one θ̂, as zero-argument calls (:data:`ESTIMATORS` order)."""
-    m, tr, te, l2 = f.model, f.train, f.test, f.recipe.weight_decay
-    common = dict(l2=l2, damping=damping)
+    m, tr, te, loss = f.model, f.train, f.test, f.recipe.loss
+    common = dict(l2=f.recipe.weight_decay, damping=damping, loss=loss)
     small, large = trak_dims
     return {
         "exact (CG)": lambda: predict_removal(m, tr, te, method="cg", rtol=cg_rtol, block=True,
@@ -200,8 +201,8 @@ def estimator_calls(f: Fitted, *, damping: float, lissa_depth: int, arnoldi_rank
                                            krylov_dim=2 * arnoldi_rank, backend="autodiff", **common).values,
         "TRAK small": lambda: est.trak(m, tr, te, proj_dim=small, seed=f.seed, **common),
         "TRAK large": lambda: est.trak(m, tr, te, proj_dim=large, seed=f.seed, **common),
-        "TracIn": lambda: est.tracin(m, tr, te, f.checkpoints, f.checkpoint_lrs),
-        "grad. similarity": lambda: est.gradient_similarity(m, tr, te),
+        "TracIn": lambda: est.tracin(m, tr, te, f.checkpoints, f.checkpoint_lrs, loss=loss),
+        "grad. similarity": lambda: est.gradient_similarity(m, tr, te, loss=loss),
     }
 
 
@@ -313,23 +314,26 @@ def display_table(summ: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     wide = wide[[t for t in TARGETS if t in wide.columns]]
     cost = cost_summary(costs).set_index(["model", "estimator"])
     wide["time [s]"] = cost["seconds"].map("{:.2f}".format)
-    wide["peak [MiB]"] = cost["peak_mib"].map("{:.0f}".format)
+    wide["peak [MiB]"] = cost["peak_mib"].map(lambda v: f"{v:.0f}" if np.isfinite(v) else "not measured")
     return wide
 
 
 def draw_summary(summ: pd.DataFrame, costs: pd.DataFrame, lds_labels: dict[str, str]):
     """Rows: models; columns: the targets (mean agreement with its interval per estimator; the cold start's
-    noise ceiling dashed) and the cost (median seconds, log scale)."""
+    noise ceiling dashed), then the cost: median seconds (log scale) and median peak extra memory in MiB over θ̂.
+    A memory the kernel could not measure (NaN) is drawn as no bar and said in the panel."""
     import matplotlib.pyplot as plt
 
     from helpers import plots
 
     model_list = list(dict.fromkeys(summ["model"]))
     targets = [t for t in TARGETS if t in set(summ["target"])]
-    fig, axes = plt.subplots(len(model_list), len(targets) + 1, figsize=(2.3 * (len(targets) + 1),
-                                                                         0.5 + 2.6 * len(model_list)),
+    n_cols = len(targets) + 2
+    fig, axes = plt.subplots(len(model_list), n_cols, figsize=(2.3 * n_cols, 0.5 + 2.6 * len(model_list)),
                              sharey=True, squeeze=False)
     ypos = np.arange(len(ESTIMATORS))[::-1]
+    cost = cost_summary(costs)
+    last = len(model_list) - 1
     for i, model in enumerate(model_list):
         for j, target in enumerate(targets):
             ax = axes[i, j]
@@ -342,16 +346,23 @@ def draw_summary(summ: pd.DataFrame, costs: pd.DataFrame, lds_labels: dict[str, 
             ax.set_xlim(-1.05, 1.05)
             if i == 0:
                 ax.set_title(lds_labels.get(target, target), fontsize=9)
-            if i == len(model_list) - 1:
+            if i == last:
                 ax.set_xlabel("LDS (Spearman)" if target.startswith("LDS") else "Pearson r")
-        c = costs[costs.model == model].groupby("estimator")["seconds"].median().loc[list(ESTIMATORS)]
-        ax = axes[i, -1]
-        ax.barh(ypos, c.to_numpy(), color="0.5")
-        ax.set_xscale("log")
+        c = cost[cost.model == model].set_index("estimator").loc[list(ESTIMATORS)]
+        ax_time, ax_mem = axes[i, -2], axes[i, -1]
+        ax_time.barh(ypos, c["seconds"].to_numpy(), color="0.5")
+        ax_time.set_xscale("log")
+        mib = c["peak_mib"].to_numpy(dtype=float)
+        ax_mem.barh(ypos, np.where(np.isfinite(mib), mib, 0.0), color="0.75")
+        if not np.isfinite(mib).all():
+            ax_mem.text(0.98, 0.02, "no bar: not measured", transform=ax_mem.transAxes, ha="right", va="bottom",
+                        fontsize=7)
         if i == 0:
-            ax.set_title("cost", fontsize=9)
-        if i == len(model_list) - 1:
-            ax.set_xlabel("seconds (median over θ̂)")
+            ax_time.set_title("time", fontsize=9)
+            ax_mem.set_title("memory", fontsize=9)
+        if i == last:
+            ax_time.set_xlabel("seconds (median over θ̂)")
+            ax_mem.set_xlabel("peak extra MiB (median)")
         axes[i, 0].set_yticks(ypos, list(ESTIMATORS), fontsize=8)
         axes[i, 0].set_ylabel(model, fontsize=9)
     fig.tight_layout()
@@ -533,6 +544,15 @@ def lds_labels(alphas: Sequence[float]) -> dict[str, str]:
     return {"LDS α small": f"LDS α = {small:g}", "LDS α large": f"LDS α = {large:g}"}
 
 
+def _memory_sentence(peak_mib: pd.Series) -> str:
+    """The range of the estimators' peak extra memory on one model, or why it is missing."""
+    known = peak_mib[np.isfinite(peak_mib.to_numpy(dtype=float))]
+    if known.empty:
+        return "Peak memory was not measured (the kernel does not let the high-water mark be reset)."
+    low, high = known.idxmin(), known.idxmax()
+    return (f"Peak extra memory ranges from {known[low]:.0f} MiB ({low}) to {known[high]:.0f} MiB ({high}).")
+
+
 def models_table(result: dict[str, Any]) -> pd.DataFrame:
     """One row per trained θ̂: parameters, test accuracy, ‖∇R(θ̂)‖ (records the largest per model too)."""
     rows = [{"model": MODEL_NAMES[f.key], "θ̂ seed": f.seed, "parameters": f.n_params,
@@ -580,6 +600,7 @@ def say_findings(summ: pd.DataFrame, result: dict[str, Any], ranks: pd.DataFrame
         parts.append(f"On the {model}, computing all influences takes {g.loc['exact (CG)', 'seconds']:.2f} s by CG "
                      f"on all parameters, {g.loc['EK-FAC', 'seconds']:.2f} s by EK-FAC, "
                      f"{g.loc['TRAK large', 'seconds']:.2f} s by TRAK at the larger projection and "
-                     f"{g.loc['grad. similarity', 'seconds']:.2f} s by gradient similarity; the cheapest is {cheap}.")
+                     f"{g.loc['grad. similarity', 'seconds']:.2f} s by gradient similarity; the cheapest is {cheap}. "
+                     + _memory_sentence(g["peak_mib"]))
     book.say("cost_text", " ".join(parts) + " Every time is that of one cold computation on one core, measured in "
              "the build that filled the cache; peak memory is the resident-set high-water mark above the start.")
