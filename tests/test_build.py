@@ -140,7 +140,7 @@ PROTOCOL_PARAMETERS: dict[str, set[str]] = {
     "nonconvex": {"epochs", "retrain_epochs", "n_candidates", "test_index", "dtype"},
     "validation": {"head_tol", "converge_tol", "retrain_lr", "pbrf_damping", "iris_l2", "iris_damping",
                    "iris_depth", "iris_width", "batch_size", "cnn_batch"},
-    "estimators": {"lr", "l2", "grad_tol", "max_iter", "damping", "cg_rtol", "pbrf_damping"},
+    "estimators": {"lr", "l2", "grad_tol", "max_iter", "damping", "cg_rtol", "pbrf_damping", "lds_check_tol"},
     "own_model": {"lr", "l2", "patience", "batch_size", "damping", "pbrf_damping", "retrain_lr"},
 }
 

@@ -169,6 +169,14 @@ def check_estimators(r: dict[str, Any]) -> None:
             r[f"{control}_exact_last_layer_{_slug(target)}"], abs=1e-6)
     assert abs(r[f"{control}_exact_cg_loo_cold"] - r[f"{control}_exact_cg_loo_warm"]) <= 0.02, r
     assert r[f"{control}_exact_cg_pbrf"] >= 0.85, r
+    # The LDS check: the table's subsets are the first of the check's, so its mean over them is the table's LDS of
+    # exact influence; its models meet both tolerances; its intervals hold their means.
+    for size in ("small", "large"):
+        assert r[f"lds_check_table_{size}"] == pytest.approx(r[f"lds_exact_{size}"], abs=1e-12), size
+        assert -1 <= r[f"lds_check_{size}_low"] <= r[f"lds_check_{size}"] <= r[f"lds_check_{size}_high"] <= 1
+    assert r["lds_check_grad_norm"] <= r["grad_tol"]
+    assert r["lds_check_grad_norm_tight"] <= r["lds_check_tol"] < r["grad_tol"]
+    assert 0 <= r["lds_check_max_change"] <= 2
     assert r["_meta"]["profile"] == "smoke"
 
 
