@@ -197,3 +197,18 @@ def test_the_chapter_calls_each_estimator_in_the_books_convention(name):
     equals exact influence [n_test, n_train] on a convex case where it must."""
     got, exact, tol = CHAPTER_CASES[name](name)
     _close(got.to(exact.dtype), exact, tol)
+
+
+@pytest.mark.parametrize("change, message", [({"alphas": [0.5]}, "two different subset sizes"),
+                                             ({"alphas": [0.5, 0.5]}, "two different subset sizes"),
+                                             ({"trak_dims": [64]}, "two projection dimensions"),
+                                             ({"models_run": []}, "must not be empty")])
+def test_the_chapter_refuses_settings_it_cannot_run(change, message):
+    from helpers.experiments.estimators import run_chapter
+
+    settings = dict(models_run=["logreg"], theta_seeds=[0], seed=0, n_train=20, n_test=10, pool=4, width=4,
+                    cnn_width=2, lr=0.03, epochs=5, l2=1e-3, n_checkpoints=2, grad_tol=1e-5, max_iter=50,
+                    damping=1e-3, lissa_depth=5, arnoldi_rank=2, trak_dims=[4, 8], cg_rtol=1e-6, k=3, cold_seeds=1,
+                    pbrf_damping=1e-3, alphas=[0.5, 0.9], n_subsets=3, subset_seeds=1)
+    with pytest.raises(ValueError, match=message):
+        run_chapter(**{**settings, **change})

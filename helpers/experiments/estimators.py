@@ -384,6 +384,14 @@ def run_chapter(*, models_run: Sequence[str], theta_seeds: Sequence[int], seed: 
     """Every trial of the chapter: fits, estimators, targets, LDS retraining, and the LDS check on the convex
     control (:func:`lds_check`; skipped when ``lds_check_subsets`` is 0 or the control is not run); returns the
     frames it shows."""
+    if len(alphas) != 2 or alphas[0] == alphas[1]:
+        raise ValueError(f"alphas must be two different subset sizes, e.g. [0.5, 0.9] (the LDS at a small and a "
+                         f"large α), got {list(alphas)}")
+    if len(trak_dims) != 2:
+        raise ValueError(f"trak_dims must be two projection dimensions, e.g. [64, 512], got {list(trak_dims)}")
+    if not models_run or not theta_seeds:
+        raise ValueError(f"models_run and theta_seeds must not be empty: use models from {list(MODEL_NAMES)} and "
+                         "at least one seed")
     if threads:
         torch.set_num_threads(threads)
     data = estimator_data(seed, n_train=n_train, n_test=n_test, pool=pool)
