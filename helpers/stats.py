@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats as st
 
-__all__ = ["OneWay", "mean_ci", "hierarchical_mean_ci", "paired_differences", "against_reference", "one_way",
-           "one_way_table"]
+__all__ = ["OneWay", "mean_ci", "hierarchical_mean_ci", "sign_flip_test", "paired_differences", "against_reference",
+           "one_way", "one_way_table", "holm"]
 
 
 def _values(values: Any, name: str = "values") -> np.ndarray:
@@ -107,6 +107,33 @@ def hierarchical_mean_ci(values: Any, *, confidence: float = 0.95, n_resamples: 
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return mean, float(low), float(high)
+
+
+def sign_flip_test(differences: Any, *, n_resamples: int = 2 ** 16, seed: int = 0) -> tuple[float, float]:
+    """``(mean, p)``: the one-sided paired permutation test that the mean of ``differences`` (one per unit, e.g.
+    estimator A's correlation minus estimator B's on the same trained model and test point) is above 0.
+
+    Under the null each difference is symmetric about 0, so every pattern of signs is equally likely; p is the
+    share of sign patterns whose mean reaches the observed one. Exact — all 2ⁿ patterns, enumerated as one matrix
+    product — when 2ⁿ ≤ ``n_resamples`` (n ≤ 16 by default); beyond that ``scipy.stats.permutation_test`` with
+    that many random patterns. Valid for any number of units, which a bootstrap p-value is not: with n units the
+    smallest p is 2⁻ⁿ, so a family of m comparisons at level α (:func:`holm`) needs 2ⁿ > m / α — six units cannot
+    pass nine comparisons at 0.05.
+    """
+    d = _values(differences, "differences")
+    if d.size < 1:
+        raise ValueError("differences must hold at least one unit")
+    mean = float(d.mean())
+    if np.ptp(d) == 0 and mean == 0:
+        return mean, 1.0
+    if 2 ** d.size <= n_resamples:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
+        means = signs @ d / d.size
+        # the observed pattern (all +) is one of them; a relative tolerance keeps ties with it in the count
+        return mean, float(np.mean(means >= mean - 1e-12 * max(1.0, abs(mean))))
+    result = st.permutation_test((d,), np.mean, permutation_type="samples", alternative="greater",
+                                 n_resamples=int(n_resamples), vectorized=True, random_state=seed)
+    return mean, float(result.pvalue)
 
 
 def paired_differences(frame: pd.DataFrame, *, value: str, between: str, a: Any, b: Any, unit: str,

@@ -157,6 +157,7 @@ def check_estimators(r: dict[str, Any]) -> None:
             assert r[f"seconds_{_slug(model)}_{_slug(estimator)}"] > 0
     assert r["n_pairs"] == len(MODEL_NAMES) * (len(ESTIMATORS) - 1) * len(TARGETS)
     assert 0 <= r["n_pairs_beating_similarity"] <= r["n_pairs"]
+    assert r["n_family"] == len(ESTIMATORS) - 1 and r["family_alpha"] == 0.05
     # The stated criterion: θ̂ and every retrained model (L-BFGS, full batch) at ‖∇R‖ ≤ grad_tol.
     for what in ("theta", "loo_cold", "loo_warm", "pbrf", "lds_alpha_small", "lds_alpha_large"):
         assert r[f"grad_norm_{what}"] <= r["grad_tol"], what

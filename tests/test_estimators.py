@@ -212,3 +212,42 @@ def test_the_chapter_refuses_settings_it_cannot_run(change, message):
                     pbrf_damping=1e-3, alphas=[0.5, 0.9], n_subsets=3, subset_seeds=1)
     with pytest.raises(ValueError, match=message):
         run_chapter(**{**settings, **change})
+
+
+def test_beating_gradient_similarity_is_a_paired_test_with_holms_correction():
+    """An estimator ahead of gradient similarity on every unit beats it; one that is ahead on average only because
+    of one unit does not (exact sign-flip test: half the sign patterns reach its mean); the p-values are
+    Holm-adjusted within the (model, target) family."""
+    import numpy as np
+    import pandas as pd
+
+    from helpers.experiments.estimators import summary
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        for point in ("max", "median", "random"):
+            base = rng.uniform(-0.5, 0.5)
+            values = {"grad. similarity": base, "steady": base + 0.3 + 0.01 * rng.normal(),
+                      "one lucky unit": base + (1.2 if (seed, point) == (0, "max") else -0.05)}
+            rows += [{"model": "m", "theta_seed": seed, "target": "LOO cold", "estimator": e, "test_point": point,
+                      "value": v, "ceiling": np.nan} for e, v in values.items()]
+    out = summary(pd.DataFrame(rows), n_resamples=200).set_index("estimator")
+    assert bool(out.loc["steady", "beats_similarity"])
+    assert out.loc["steady", "p_holm"] == pytest.approx(2 * 2.0 ** -6)  # the smallest p of 6 units, times 2
+    assert out.loc["one lucky unit", "diff_vs_similarity"] > 0
+    assert out.loc["one lucky unit", "p_vs_similarity"] == pytest.approx(0.5)
+    assert not bool(out.loc["one lucky unit", "beats_similarity"])
+    assert not bool(out.loc["grad. similarity", "beats_similarity"])
+
+
+def test_pick_test_points_keeps_max_median_and_draws_distinct_random_ones():
+    from helpers.experiments.estimators import pick_test_points
+
+    losses = torch.arange(20, dtype=F64).flip(0)  # position 0 has the largest loss
+    picks = pick_test_points(losses, 3, 8)
+    assert list(picks)[:3] == ["max", "median", "random"] and picks["max"] == 0 and picks["median"] == 10
+    assert len(set(picks.values())) == 8 and list(picks)[3:] == [f"random {j}" for j in range(2, 7)]
+    assert pick_test_points(losses, 3, 3) == {k: picks[k] for k in ("max", "median", "random")}
+    with pytest.raises(ValueError, match=r"n_test_points must lie in \[3, 20\]"):
+        pick_test_points(losses, 3, 21)

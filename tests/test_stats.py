@@ -58,6 +58,28 @@ def test_hierarchical_mean_ci_degenerate_and_bad_input() -> None:
         stats.hierarchical_mean_ci(np.zeros((2, 2, 2)))
 
 
+def test_sign_flip_test_is_the_exact_paired_permutation_test() -> None:
+    """p = the share of all 2ⁿ sign patterns whose mean reaches the observed one (enumerated here by hand), the
+    smallest p is 2⁻ⁿ, and a constant zero is no evidence."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    for shift in (-0.3, 0.0, 0.4, 1.0):
+        d = shift + rng.normal(size=8)
+        patterns = np.array(list(itertools.product([1.0, -1.0], repeat=d.size)))
+        expected = np.mean((patterns * d).mean(axis=1) >= d.mean() - 1e-12)
+        mean, p = stats.sign_flip_test(d)
+        assert mean == pytest.approx(d.mean()) and p == pytest.approx(expected, abs=1e-12)
+    assert stats.sign_flip_test(np.full(6, 0.2))[1] == pytest.approx(2.0 ** -6)
+    assert stats.sign_flip_test(np.full(6, -0.2))[1] == pytest.approx(1.0)
+    assert stats.sign_flip_test(np.zeros(4)) == (0.0, 1.0)
+    # more units than the exact enumeration allows: random sign patterns, close to the exact answer
+    d = 0.2 + rng.normal(size=12)
+    assert abs(stats.sign_flip_test(d, n_resamples=2000)[1] - stats.sign_flip_test(d)[1]) < 0.03
+    with pytest.raises(ValueError, match="differences holds NaN"):
+        stats.sign_flip_test([0.1, float("nan")])
+
+
 def test_paired_differences_pair_units_and_call_verdicts_from_intervals() -> None:
     rng = np.random.default_rng(4)
     t = np.arange(30)

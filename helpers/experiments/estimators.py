@@ -1,7 +1,7 @@
 """Chapter 4, ``book/estimators.ipynb``: estimators that scale, on trial — by the checklist of chapter 3.
 
-One trial per (model, θ̂ seed): a model trained to a stated criterion, three test points (the max, median and a
-random test loss), every estimator computed once on that fixed θ̂, every target computed once, and the agreement of
+One trial per (model, θ̂ seed): a model trained to a stated criterion, ``n_test_points`` test points (the max and
+median test loss and random ones, :func:`pick_test_points`), every estimator computed once on that fixed θ̂, every target computed once, and the agreement of
 each (estimator, target) pair measured per test point — so that trained models × test points are the units of
 replication (:func:`helpers.stats.hierarchical_mean_ci`: models first, then test points within a model).
 
@@ -46,7 +46,7 @@ from helpers.cache import memoize
 from helpers.experiments.validation import pool_images, test_points
 from helpers.influence import predict_removal
 from helpers.objective import model_params, per_sample_losses
-from helpers.stats import hierarchical_mean_ci
+from helpers.stats import hierarchical_mean_ci, holm, sign_flip_test
 from helpers.train import Recipe, fit, fit_ensemble, model_with
 
 Data = tuple[Tensor, Tensor]
@@ -55,6 +55,7 @@ MODEL_NAMES: dict[str, str] = {"logreg": "softmax regression (convex)", "mlp": "
 ESTIMATORS: tuple[str, ...] = ("exact (CG)", "exact, last layer", "EK-FAC", "K-FAC", "LiSSA", "Arnoldi",
                                "TRAK small", "TRAK large", "TracIn", "grad. similarity")
 TARGETS: tuple[str, ...] = ("LOO cold", "LOO warm", "PBRF", "LDS α small", "LDS α large")
+ALPHA = 0.05  # family-wise level of "beats gradient similarity" (Holm within each model and target)
 SUBSET_SEED_OFFSET = 17  # the LDS subsets of a chapter run are drawn with seed + this (the table's and the check's)
 
 
@@ -72,7 +73,7 @@ class Fitted:
     checkpoint_lrs: list[float]
     grad_norm: float
     acc_test: float
-    test_names: list[str] = field(default_factory=lambda: ["max", "median", "random"])
+    test_names: list[str] = field(default_factory=lambda: ["max", "median", "random"])  # of the rows of ``test``
 
     @property
     def n_params(self) -> int:
@@ -116,10 +117,11 @@ def _grad_norm(model: nn.Module, train: Data, l2: float) -> float:
 
 
 def fit_model(key: str, model: nn.Module, recipe: Recipe, polish: Recipe, train: Data, test: Data, *, seed: int,
-              n_checkpoints: int, cache: bool = True) -> Fitted:
+              n_checkpoints: int, n_test_points: int = 3, cache: bool = True) -> Fitted:
     """θ̂: ``recipe`` (full-batch Adam, one member of :func:`helpers.train.fit_ensemble`, which saves
     ``n_checkpoints`` evenly spaced checkpoints and their learning rates — TracIn's), then ``polish`` (L-BFGS) from
-    there to its tolerance; the three test points, ‖∇R(θ̂)‖ and the test accuracy. ``Fitted.recipe`` is ``polish``:
+    there to its tolerance; ``n_test_points`` test points (:func:`pick_test_points`), ‖∇R(θ̂)‖ and the test
+    accuracy. ``Fitted.recipe`` is ``polish``:
     the recipe every retrained model is held to."""
     marks = set(np.linspace(0, recipe.epochs - 1, n_checkpoints, dtype=int).tolist())
 
@@ -146,11 +148,24 @@ def fit_model(key: str, model: nn.Module, recipe: Recipe, polish: Recipe, train:
     with torch.no_grad():
         losses = per_sample_losses(trained, model_params(trained), *test)
         acc = float((trained(test[0]).argmax(1) == test[1]).double().mean())
-    picks = test_points(losses, seed)
-    rows = torch.as_tensor([picks[r] for r in ("max", "median", "random")])
+    picks = pick_test_points(losses, seed, n_test_points)
+    rows = torch.as_tensor(list(picks.values()))
     return Fitted(key=key, seed=seed, model=trained, recipe=polish, train=train, test=(test[0][rows], test[1][rows]),
                   checkpoints=out["checkpoints"], checkpoint_lrs=out["lrs"],
-                  grad_norm=_grad_norm(trained, train, recipe.weight_decay), acc_test=acc)
+                  grad_norm=_grad_norm(trained, train, recipe.weight_decay), acc_test=acc, test_names=list(picks))
+
+
+def pick_test_points(losses: Tensor, seed: int, n_points: int) -> dict[str, int]:
+    """``{name: position}`` of ``n_points`` test points: the max, median and a random test loss (chapter 3's
+    :func:`helpers.experiments.validation.test_points`), then ``n_points − 3`` more drawn at random without
+    replacement from the rest (``seed`` + 1), named ``random 2``, ``random 3``, ... ."""
+    picks = test_points(losses, seed)
+    rest = [i for i in range(len(losses)) if i not in picks.values()]
+    if not 3 <= n_points <= len(rest) + 3:
+        raise ValueError(f"n_test_points must lie in [3, {len(rest) + 3}] for a test pool of {len(losses)}, got "
+                         f"{n_points}: raise n_test or lower n_test_points")
+    extra = np.random.default_rng(seed + 1).choice(rest, n_points - 3, replace=False)
+    return picks | {f"random {j + 2}": int(i) for j, i in enumerate(extra)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,7 +302,8 @@ def cost_rows(f: Fitted, runs: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 def summary(units: pd.DataFrame, *, n_resamples: int, seed: int = 0) -> pd.DataFrame:
     """Mean agreement per (model, estimator, target) over θ̂ seeds × test points with the two-stage bootstrap
-    interval, the median ceiling, and whether the interval lies above that of gradient similarity."""
+    interval, the median ceiling, and the paired comparison with gradient similarity (:func:`against_similarity`):
+    ``beats_similarity`` where its Holm-adjusted p-value is below :data:`ALPHA`."""
     rows = []
     for (model, target, name), g in units.groupby(["model", "target", "estimator"], sort=False):
         grid = g.pivot_table(index="theta_seed", columns="test_point", values="value", aggfunc="first")
@@ -296,10 +312,31 @@ def summary(units: pd.DataFrame, *, n_resamples: int, seed: int = 0) -> pd.DataF
         mean, low, high = hierarchical_mean_ci(grid.to_numpy(), n_resamples=n_resamples, seed=seed)
         rows.append({"model": model, "target": target, "estimator": name, "value": mean, "low": low, "high": high,
                      "ceiling": float(g["ceiling"].median()), "n_units": int(grid.size)})
-    out = pd.DataFrame(rows)
-    floor = out[out["estimator"] == "grad. similarity"].set_index(["model", "target"])["high"]
-    out["beats_similarity"] = [bool(r.low > floor[(r.model, r.target)]) for r in out.itertuples()]
+    out = pd.DataFrame(rows).join(against_similarity(units), on=["model", "target", "estimator"])
+    out["beats_similarity"] = out["p_holm"] < ALPHA  # NaN (gradient similarity itself) compares False
     return out
+
+
+def against_similarity(units: pd.DataFrame) -> pd.DataFrame:
+    """Each estimator against gradient similarity, paired on the units (the same θ̂ and test point): the mean
+    difference of their agreements and the exact one-sided sign-flip p-value of "higher"
+    (:func:`helpers.stats.sign_flip_test`; conditional on the trained models, the units as exchangeable pairs),
+    Holm-adjusted within each (model, target) — the family that asks "does any approximation beat gradient
+    similarity here?". Indexed by (model, target, estimator)."""
+    rows = []
+    for (model, target), g in units.groupby(["model", "target"], sort=False):
+        by_unit = g.pivot_table(index=["theta_seed", "test_point"], columns="estimator", values="value",
+                                aggfunc="first")
+        base = by_unit.pop("grad. similarity")
+        family = []
+        for name in by_unit.columns:
+            mean, p = sign_flip_test((by_unit[name] - base).to_numpy())
+            family.append({"model": model, "target": target, "estimator": name, "diff_vs_similarity": mean,
+                           "p_vs_similarity": p})
+        for row, adjusted in zip(family, holm([r["p_vs_similarity"] for r in family])):
+            row["p_holm"] = float(adjusted)
+        rows += family
+    return pd.DataFrame(rows).set_index(["model", "target", "estimator"])
 
 
 def cost_summary(costs: pd.DataFrame) -> pd.DataFrame:
@@ -319,8 +356,10 @@ def display_table(summ: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def draw_summary(summ: pd.DataFrame, costs: pd.DataFrame, lds_labels: dict[str, str]):
-    """Rows: models; columns: the targets (mean agreement with its interval per estimator; the cold start's
+def draw_summary(summ: pd.DataFrame, costs: pd.DataFrame, lds_labels: dict[str, str],
+                 units: pd.DataFrame | None = None):
+    """Rows: models; columns: the targets (mean agreement with its interval per estimator, and with ``units``
+    each unit's value — θ̂ seed × test point, the runs behind the mean — as a small grey dot; the cold start's
     noise ceiling dashed), then the cost: median seconds (log scale) and median peak extra memory in MiB over θ̂.
     A memory the kernel could not measure (NaN) is drawn as no bar and said in the panel."""
     import matplotlib.pyplot as plt
@@ -339,6 +378,12 @@ def draw_summary(summ: pd.DataFrame, costs: pd.DataFrame, lds_labels: dict[str, 
         for j, target in enumerate(targets):
             ax = axes[i, j]
             g = summ[(summ.model == model) & (summ.target == target)].set_index("estimator").loc[list(ESTIMATORS)]
+            if units is not None:
+                u = units[(units.model == model) & (units.target == target)]
+                row = u["estimator"].map({e: y for e, y in zip(ESTIMATORS, ypos)}).to_numpy(dtype=float)
+                jitter = np.random.default_rng(0).uniform(-0.22, 0.22, size=len(u))
+                ax.scatter(u["value"], row + jitter, s=5, color="0.55", alpha=0.7, lw=0, zorder=1,
+                           label="θ̂ × test point" if (i, j) == (0, 0) else None)
             plots.ci_points(ax, ypos, g["value"], g["low"], g["high"], color="C0")
             ax.axvline(0, color="0.6", lw=0.8)
             if target == "LOO cold" and np.isfinite(g["ceiling"]).any():
@@ -379,8 +424,8 @@ def run_chapter(*, models_run: Sequence[str], theta_seeds: Sequence[int], seed: 
                 pool: int, width: int, cnn_width: int, lr: float, epochs: int, l2: float, n_checkpoints: int,
                 grad_tol: float, max_iter: int, damping: float, lissa_depth: int, arnoldi_rank: int,
                 trak_dims: Sequence[int], cg_rtol: float, k: int, cold_seeds: int, pbrf_damping: float,
-                alphas: Sequence[float], n_subsets: int, subset_seeds: int, lds_check_subsets: int = 0,
-                lds_check_tol: float = 0.0, threads: int = 1) -> dict[str, Any]:
+                alphas: Sequence[float], n_subsets: int, subset_seeds: int, n_test_points: int = 3,
+                lds_check_subsets: int = 0, lds_check_tol: float = 0.0, threads: int = 1) -> dict[str, Any]:
     """Every trial of the chapter: fits, estimators, targets, LDS retraining, and the LDS check on the convex
     control (:func:`lds_check`; skipped when ``lds_check_subsets`` is 0 or the control is not run); returns the
     frames it shows."""
@@ -407,7 +452,8 @@ def run_chapter(*, models_run: Sequence[str], theta_seeds: Sequence[int], seed: 
         lds_runs = None
         for s in theta_seeds:
             model = build_trial_model(key, side, s, width=width, cnn_width=cnn_width)
-            f = fit_model(key, model, recipe, polish, *data[key], seed=s, n_checkpoints=n_checkpoints)
+            f = fit_model(key, model, recipe, polish, *data[key], seed=s, n_checkpoints=n_checkpoints,
+                          n_test_points=n_test_points)
             if lds_runs is None:  # subset models from scratch: the same for every θ̂ of the architecture
                 lds_runs = {lds_names[a]: lds_target(f, masks[a], range(100, 100 + subset_seeds)) for a in alphas}
             runs = run_estimators(f, **settings)
@@ -561,6 +607,16 @@ def record_chapter(result: dict[str, Any], *, grad_tol: float, n_resamples: int)
     beats = summ[summ.beats_similarity & (summ.estimator != "grad. similarity")]
     book.record("n_pairs_beating_similarity", int(len(beats)))
     book.record("n_pairs", int((summ.estimator != "grad. similarity").sum()))
+    n_family = int(summ[summ.estimator != "grad. similarity"].groupby(["model", "target"]).size().max())
+    book.record("n_family", n_family)
+    book.record("family_alpha", ALPHA, fmt="{:g}")
+    book.record("n_test_points", int(result["units"]["test_point"].nunique()))
+    n_units = int(summ["n_units"].max())
+    smallest = 2.0 ** -n_units
+    book.say("power_text", f"With n units the smallest p-value is 2⁻ⁿ: {smallest:.1g} for the {n_units} units here, "
+             + (f"which Holm's correction over {n_family} comparisons can pass." if smallest * n_family < ALPHA else
+                f"which Holm's correction over {n_family} comparisons cannot pass: at this size no estimator can be "
+                "declared better than gradient similarity, whatever the data — add θ̂ seeds or test points."))
     book.record("n_units", int(summ["n_units"].max()))
     book.figure_data("summary", summ.assign(note=np.where(np.isfinite(summ["ceiling"]), "",
                                                           "no noise ceiling: a deterministic target, or one seed")))
@@ -699,7 +755,9 @@ def say_findings(summ: pd.DataFrame, result: dict[str, Any], ranks: pd.DataFrame
     if beats.empty:
         book.say("beats_text", "no approximation's interval lies above gradient similarity's under any target")
     else:
-        by = beats.groupby(["model", "target"], sort=False)["estimator"].apply(lambda s: ", ".join(s))
+        named = beats.assign(text=[f"{r.estimator} (+{r.diff_vs_similarity:.2f}, Holm p = {r.p_holm:.2g})"
+                                   for r in beats.itertuples()])
+        by = named.groupby(["model", "target"], sort=False)["text"].apply(lambda s: ", ".join(s))
         book.say("beats_text", "; ".join(f"{m} against {lds_labels(alphas).get(t, t)}: {e}"
                                          for (m, t), e in by.items()))
     control = summ[(summ.model == MODEL_NAMES["logreg"]) & (summ.estimator == "exact (CG)")].set_index("target")
