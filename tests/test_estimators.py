@@ -251,3 +251,30 @@ def test_pick_test_points_keeps_max_median_and_draws_distinct_random_ones():
     assert pick_test_points(losses, 3, 3) == {k: picks[k] for k in ("max", "median", "random")}
     with pytest.raises(ValueError, match=r"n_test_points must lie in \[3, 20\]"):
         pick_test_points(losses, 3, 21)
+
+
+def test_every_theta_reads_the_subset_models_losses_at_its_own_test_points():
+    """The LDS subset models are trained once per architecture and serve every θ̂; each θ̂'s LDS must use their
+    losses at *its* test points (a second θ̂ with other test points scored against the first one's was a bug)."""
+    import numpy as np
+
+    from helpers import metrics, retrain
+    from helpers.experiments import estimators as E
+
+    settings = dict(models_run=["mlp"], theta_seeds=[0, 1], seed=0, n_train=40, n_test=30, pool=4, width=4,
+                    cnn_width=2, lr=0.03, epochs=20, l2=1e-3, n_checkpoints=2, grad_tol=1e-5, max_iter=2000,
+                    damping=1e-3, lissa_depth=5, arnoldi_rank=2, trak_dims=[4, 8], cg_rtol=1e-8, k=3, cold_seeds=1,
+                    pbrf_damping=1e-3, alphas=[0.5, 0.9], n_subsets=4, subset_seeds=1, n_test_points=3)
+    result = E.run_chapter(**settings)
+    first, second = result["fits"]
+    assert first.test_rows != second.test_rows  # otherwise this test could not tell
+    units = result["units"]
+    for f in (first, second):
+        masks = result["masks"][0.5]
+        direct = retrain.on_subsets(f.model, f.train, f.test, masks, f.recipe, [100], progress=False, cache=False)
+        values = E.run_estimators(f, damping=1e-3, lissa_depth=5, arnoldi_rank=2, trak_dims=[4, 8],
+                                  cg_rtol=1e-8)["exact (CG)"]["values"]
+        expected = metrics.lds(values, masks, direct.mean_losses)
+        got = units[(units.theta_seed == f.seed) & (units.target == "LDS α small") & (units.estimator == "exact (CG)")]
+        assert list(got["test_point"]) == f.test_names
+        np.testing.assert_allclose(got["value"].to_numpy(), expected, atol=1e-12)

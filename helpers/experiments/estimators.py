@@ -1,9 +1,10 @@
 """Chapter 4, ``book/estimators.ipynb``: estimators that scale, on trial — by the checklist of chapter 3.
 
 One trial per (model, θ̂ seed): a model trained to a stated criterion, ``n_test_points`` test points (the max and
-median test loss and random ones, :func:`pick_test_points`), every estimator computed once on that fixed θ̂, every target computed once, and the agreement of
-each (estimator, target) pair measured per test point — so that trained models × test points are the units of
-replication (:func:`helpers.stats.hierarchical_mean_ci`: models first, then test points within a model).
+median test loss and random ones, :func:`pick_test_points`), every estimator computed once on that fixed θ̂, every
+target computed once, and the agreement of each (estimator, target) pair measured per test point — so that trained
+models × test points are the units of replication (:func:`helpers.stats.hierarchical_mean_ci`: models first, then
+test points within a model).
 
 Models (:data:`MODEL_NAMES`): the convex control (softmax regression), the book's MNIST MLP and its small CNN, on
 ``mnist5k`` images average-pooled by ``pool`` (7×7 at the chapter's default of 4, 14×14 in the paper profile: at
@@ -74,6 +75,7 @@ class Fitted:
     grad_norm: float
     acc_test: float
     test_names: list[str] = field(default_factory=lambda: ["max", "median", "random"])  # of the rows of ``test``
+    test_rows: list[int] = field(default_factory=list)  # their positions in the test pool (:func:`for_test_points`)
 
     @property
     def n_params(self) -> int:
@@ -152,7 +154,8 @@ def fit_model(key: str, model: nn.Module, recipe: Recipe, polish: Recipe, train:
     rows = torch.as_tensor(list(picks.values()))
     return Fitted(key=key, seed=seed, model=trained, recipe=polish, train=train, test=(test[0][rows], test[1][rows]),
                   checkpoints=out["checkpoints"], checkpoint_lrs=out["lrs"],
-                  grad_norm=_grad_norm(trained, train, recipe.weight_decay), acc_test=acc, test_names=list(picks))
+                  grad_norm=_grad_norm(trained, train, recipe.weight_decay), acc_test=acc, test_names=list(picks),
+                  test_rows=list(picks.values()))
 
 
 def pick_test_points(losses: Tensor, seed: int, n_points: int) -> dict[str, int]:
@@ -259,9 +262,19 @@ def run_targets(f: Fitted, candidates: Sequence[int], *, cold_seeds: Sequence[in
     }
 
 
-def lds_target(f: Fitted, masks: np.ndarray, seeds: Sequence[int], *, cache: bool = True) -> retrain.SubsetRetraining:
-    """Models of ``f``'s architecture and recipe retrained from scratch on each subset of ``masks``."""
-    return retrain.on_subsets(f.model, f.train, f.test, masks, f.recipe, seeds, progress=False, cache=cache)
+def lds_target(f: Fitted, masks: np.ndarray, seeds: Sequence[int], *, pool: Data, cache: bool = True
+               ) -> retrain.SubsetRetraining:
+    """Models of ``f``'s architecture and recipe retrained from scratch on each subset of ``masks``, with their
+    losses on the whole test ``pool``: the same models serve every θ̂ of the architecture, each θ̂ reading the
+    losses of its own test points (:func:`for_test_points`)."""
+    return retrain.on_subsets(f.model, f.train, pool, masks, f.recipe, seeds, progress=False, cache=cache)
+
+
+def for_test_points(sub: retrain.SubsetRetraining, f: Fitted) -> retrain.SubsetRetraining:
+    """The subset models' losses on ``f``'s test points (``f.test_rows`` of the pool they were evaluated on)."""
+    if not f.test_rows or sub.test_losses.shape[2] <= max(f.test_rows):
+        raise ValueError("the subset models were not evaluated on this θ̂'s test pool: pass the pool to lds_target")
+    return replace(sub, test_losses=sub.test_losses[:, :, list(f.test_rows)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,13 +462,15 @@ def run_chapter(*, models_run: Sequence[str], theta_seeds: Sequence[int], seed: 
     settings = dict(damping=damping, lissa_depth=lissa_depth, arnoldi_rank=arnoldi_rank, trak_dims=list(trak_dims),
                     cg_rtol=cg_rtol)
     for key in models_run:
-        lds_runs = None
+        lds_pool = None
         for s in theta_seeds:
             model = build_trial_model(key, side, s, width=width, cnn_width=cnn_width)
             f = fit_model(key, model, recipe, polish, *data[key], seed=s, n_checkpoints=n_checkpoints,
                           n_test_points=n_test_points)
-            if lds_runs is None:  # subset models from scratch: the same for every θ̂ of the architecture
-                lds_runs = {lds_names[a]: lds_target(f, masks[a], range(100, 100 + subset_seeds)) for a in alphas}
+            if lds_pool is None:  # subset models from scratch: the same for every θ̂ of the architecture
+                lds_pool = {lds_names[a]: lds_target(f, masks[a], range(100, 100 + subset_seeds), pool=data[key][1])
+                            for a in alphas}
+            lds_runs = {name: for_test_points(sub, f) for name, sub in lds_pool.items()}
             runs = run_estimators(f, **settings)
             cand = np.random.default_rng(seed * 1000 + s).choice(n_train, k, replace=False)
             truths = run_targets(f, cand, cold_seeds=[1000 + s * 10 + j for j in range(cold_seeds)],
@@ -466,20 +481,21 @@ def run_chapter(*, models_run: Sequence[str], theta_seeds: Sequence[int], seed: 
             conv.append(convergence_rows(f, truths, lds_runs))
             if key == "logreg":
                 control.append((f, runs["exact (CG)"]["values"]))
-    check = (lds_check(control, alphas=alphas, n_subsets=n_subsets, check_subsets=lds_check_subsets,
-                       tight_tol=lds_check_tol, seed=seed, subset_seeds=subset_seeds)
+    check = (lds_check(control, data["logreg"][1], alphas=alphas, n_subsets=n_subsets,
+                       check_subsets=lds_check_subsets, tight_tol=lds_check_tol, seed=seed, subset_seeds=subset_seeds)
              if control and lds_check_subsets else None)
     return {"units": pd.concat(units, ignore_index=True), "costs": pd.concat(costs, ignore_index=True),
             "fits": fits, "convergence": pd.concat(conv, ignore_index=True), "lds_names": lds_names,
             "masks": masks, "lds_check": check}
 
 
-def lds_check(control: Sequence[tuple[Fitted, np.ndarray]], *, alphas: Sequence[float], n_subsets: int,
+def lds_check(control: Sequence[tuple[Fitted, np.ndarray]], pool: Data, *, alphas: Sequence[float], n_subsets: int,
               check_subsets: int, tight_tol: float, seed: int, subset_seeds: int, cache: bool = True
               ) -> pd.DataFrame:
     """Why the LDS of exact influence on the convex control is below 1, separated into its candidate causes.
 
-    For each θ̂ of the control (``control``: its fit and its exact influence) and each test point, the LDS of exact
+    For each θ̂ of the control (``control``: its fit and its exact influence; the subset models' losses are taken
+    on the test ``pool`` and read at each θ̂'s test points) and each test point, the LDS of exact
     influence over the first ``n_subsets`` subsets (the table's: the first rows of the same random draw), over all
     ``check_subsets`` (the sampling noise of few subsets), and over the same subsets with their models trained to
     ``tight_tol`` instead of the chapter's criterion (the subset models' optimisation error); beside them the test
@@ -498,9 +514,10 @@ def lds_check(control: Sequence[tuple[Fitted, np.ndarray]], *, alphas: Sequence[
     rows = []
     for a in sorted(alphas):
         masks = metrics.random_subsets(len(f0.train[1]), a, check_subsets, seed=seed + SUBSET_SEED_OFFSET)
-        subs = {"criterion": lds_target(f0, masks, seeds, cache=cache), "tight": lds_target(tight, masks, seeds,
-                                                                                              cache=cache)}
+        on_pool = {"criterion": lds_target(f0, masks, seeds, pool=pool, cache=cache),
+                   "tight": lds_target(tight, masks, seeds, pool=pool, cache=cache)}
         for f, values in control:
+            subs = {name: for_test_points(sub, f) for name, sub in on_pool.items()}
             P = model_params(f.model)
             loss = per_sample_losses(f.model, P, *f.test, loss=f.recipe.loss).detach().numpy()
             grad = per_sample_grads(f.model, P, *f.test, loss=f.recipe.loss).norm(dim=1).numpy()
