@@ -278,3 +278,39 @@ def test_every_theta_reads_the_subset_models_losses_at_its_own_test_points():
         got = units[(units.theta_seed == f.seed) & (units.target == "LDS α small") & (units.estimator == "exact (CG)")]
         assert list(got["test_point"]) == f.test_names
         np.testing.assert_allclose(got["value"].to_numpy(), expected, atol=1e-12)
+
+
+def test_the_lds_check_sentence_follows_from_its_numbers(tmp_path, monkeypatch):
+    """The check's conclusions are drawn from its intervals, not written in advance: the α trend is claimed only
+    where the two intervals lie apart, the optimisation error dismissed only where the tighter models move no LDS,
+    and the table's few subsets called noisy rather than low only where their mean lies inside the interval."""
+    import numpy as np
+    import pandas as pd
+
+    from helpers.experiments import estimators as E
+
+    monkeypatch.setenv("BOOK_OUTPUT_DIR", str(tmp_path))
+    said: dict[str, str] = {}
+    monkeypatch.setattr(E.book, "say", lambda name, text: said.__setitem__(name, text))
+
+    def check(small: float, large: float, tight_shift: float, table_shift: float) -> pd.DataFrame:
+        rows = []
+        for a, level in ((0.5, small), (0.9, large)):
+            for s in (0, 1):
+                for t, name in enumerate(["max", "median", "random"]):
+                    v = level + 0.01 * (t - 1) + 0.005 * s
+                    rows.append({"alpha": a, "theta_seed": s, "test_point": name, "test_loss": 0.1 * (t + 1),
+                                 "grad_norm_test": 10.0 ** -(t + 1), "lds_table": v + table_shift, "lds_all": v,
+                                 "lds_tight": v + tight_shift, "worst_grad_norm": 9e-6,
+                                 "worst_grad_norm_tight": 9e-8})
+        return pd.DataFrame(rows)
+
+    settings = dict(n_subsets=8, check_subsets=50, tight_tol=1e-7, grad_tol=1e-5, n_resamples=200)
+    table = E.record_lds_check(check(0.6, 0.9, 0.0, 0.0), **settings)
+    text = said["lds_check_text"]
+    assert "higher at α = 0.9" in text and "not what keeps it below 1" in text and "noisier, not lower" in text
+    assert table.shape[0] == 12 and np.isfinite(table.to_numpy(dtype=float)).all()
+    E.record_lds_check(check(0.75, 0.76, 0.05, 0.2), **settings)
+    text = said["lds_check_text"]
+    assert "overlap" in text and "part of the shortfall" in text and "outside an interval" in text
+    assert "higher at" not in text and "not what keeps" not in text

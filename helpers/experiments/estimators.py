@@ -542,13 +542,14 @@ def record_lds_check(check: pd.DataFrame | None, *, n_subsets: int, check_subset
         book.say("lds_check_text", "The check was not run in this profile (it needs the convex control and "
                  "lds_check_subsets > 0).")
         return None
-    parts = []
+    parts, cis, tables = [], {}, {}
     for a, g in check.groupby("alpha", sort=True):
         grid = g.pivot_table(index="theta_seed", columns="test_point", values="lds_all", aggfunc="first")
-        ci = book.record_ci(f"lds_check_{_alpha_slug(a, check)}", hierarchical_mean_ci(
+        cis[a] = ci = book.record_ci(f"lds_check_{_alpha_slug(a, check)}", hierarchical_mean_ci(
             grid.to_numpy(), n_resamples=n_resamples))
         # the table's subsets are the first of the check's: this mean is the table's LDS of exact influence
-        book.record(f"lds_check_table_{_alpha_slug(a, check)}", float(g["lds_table"].mean()), fmt="{:.2f}")
+        tables[a] = book.record(f"lds_check_table_{_alpha_slug(a, check)}", float(g["lds_table"].mean()),
+                                fmt="{:.2f}")
         parts.append(f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}] at α = {a:g}")
     change = float((check["lds_tight"] - check["lds_all"]).abs().max())
     book.record("lds_check_max_change", change, fmt="{:.3f}")
@@ -556,7 +557,11 @@ def record_lds_check(check: pd.DataFrame | None, *, n_subsets: int, check_subset
     book.record("lds_check_grad_norm", worst, fmt="{:.1e}")
     book.record("lds_check_grad_norm_tight", worst_tight, fmt="{:.1e}")
     text = (f"Over {check_subsets} subsets per α instead of the table's {n_subsets}, the LDS of exact influence on "
-            f"the convex control is {' and '.join(parts)}. ")
+            f"the convex control is {' and '.join(parts)}")
+    inside = all(cis[a][1] <= tables[a] <= cis[a][2] for a in cis)
+    text += ((f"; the table's {n_subsets} subsets give " + " and ".join(f"{tables[a]:.2f}" for a in cis)
+              + (", inside these intervals: few subsets make the number noisier, not lower. " if inside else
+                 ", outside an interval: with few subsets the table's number is off by more than its noise. ")))
     if worst_tight > tight_tol:
         text += (f"The subset models meant to reach ‖∇R‖ ≤ {tight_tol:g} stopped at {worst_tight:.1e}, so the "
                  f"check of their optimisation error is incomplete; with them the LDS moves by at most {change:.3f}. ")
@@ -566,6 +571,15 @@ def record_lds_check(check: pd.DataFrame | None, *, n_subsets: int, check_subset
     else:
         text += (f"Subset models trained to ‖∇R‖ ≤ {tight_tol:g} instead of {grad_tol:g} change a test point's LDS "
                  f"by up to {change:.2f}: the subset models' optimisation error is part of the shortfall. ")
+    small, large = min(cis), max(cis)
+    if cis[large][1] > cis[small][2]:
+        text += (f"The LDS is higher at α = {large:g}, each subset model trained without {1 - large:.0%} of the "
+                 f"points, than at α = {small:g}, without {1 - small:.0%}, with intervals apart: the shortfall grows "
+                 "with the size of the removal, as the second-order effects of removing many points at once do — "
+                 "what no sum of single-point effects captures. ")
+    else:
+        text += (f"The intervals at α = {small:g} and α = {large:g} overlap, so this check does not show the "
+                 "shortfall growing with the size of the removal. ")
     low = check.loc[check["lds_all"].idxmin()]
     smallest = check.loc[check["grad_norm_test"].idxmin()]
     if (low.theta_seed, low.test_point) == (smallest.theta_seed, smallest.test_point):
