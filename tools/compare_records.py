@@ -94,9 +94,9 @@ def pin_family(base: Path) -> list[Path]:
 
 
 def pins_for_this_machine(base: Path, fingerprint: str | None = None) -> Path:
-    """The member of ``base``'s family made on a machine that rounds as this one does, or — when there is none —
-    ``base`` itself for a comparison (whose failure then says the machines differ), or the sibling a re-pin here
-    would start (:func:`pin`)."""
+    """The member of ``base``'s family made on a machine that rounds as this one does, or ``base`` itself when
+    none is (a comparison then fails saying the machines differ; a re-pin starts this machine's sibling,
+    :func:`sibling_for`)."""
     here = fingerprint or _this_fingerprint()
     for path in pin_family(base):
         if _fingerprint(json.loads(path.read_text())) == here:
