@@ -642,13 +642,12 @@ def record_chapter(result: dict[str, Any], *, grad_tol: float, n_resamples: int)
     book.record("n_family", n_family)
     book.record("family_alpha", ALPHA, fmt="{:g}")
     book.record("n_test_points", int(result["units"]["test_point"].nunique()))
-    n_units = int(summ["n_units"].max())
+    n_units = book.record("n_units", int(summ["n_units"].max()))
     smallest = 2.0 ** -n_units
     book.say("power_text", f"With n units the smallest p-value is 2⁻ⁿ: {smallest:.1g} for the {n_units} units here, "
              + (f"which Holm's correction over {n_family} comparisons can pass." if smallest * n_family < ALPHA else
                 f"which Holm's correction over {n_family} comparisons cannot pass: at this size no estimator can be "
                 "declared better than gradient similarity, whatever the data — add θ̂ seeds or test points."))
-    book.record("n_units", int(summ["n_units"].max()))
     book.figure_data("summary", summ.assign(note=np.where(np.isfinite(summ["ceiling"]), "",
                                                           "no noise ceiling: a deterministic target, or one seed")))
     book.figure_data("costs", result["costs"])
@@ -784,7 +783,7 @@ def say_findings(summ: pd.DataFrame, result: dict[str, Any], ranks: pd.DataFrame
     book.say("ranking_text", "; ".join(taus))
     beats = summ[summ.beats_similarity & (summ.estimator != "grad. similarity")]
     if beats.empty:
-        book.say("beats_text", "no approximation's interval lies above gradient similarity's under any target")
+        book.say("beats_text", "none, under any target")
     else:
         named = beats.assign(text=[f"{r.estimator} (+{r.diff_vs_similarity:.2f}, Holm p = {r.p_holm:.2g})"
                                    for r in beats.itertuples()])
@@ -804,10 +803,10 @@ def say_findings(summ: pd.DataFrame, result: dict[str, Any], ranks: pd.DataFrame
     for model, g in costs.groupby("model", sort=False):
         g = g.set_index("estimator")
         cheap = g["seconds"].idxmin()
-        parts.append(f"On the {model}, computing all influences takes {g.loc['exact (CG)', 'seconds']:.2f} s by CG "
-                     f"on all parameters, {g.loc['EK-FAC', 'seconds']:.2f} s by EK-FAC, "
-                     f"{g.loc['TRAK large', 'seconds']:.2f} s by TRAK at the larger projection and "
-                     f"{g.loc['grad. similarity', 'seconds']:.2f} s by gradient similarity; the cheapest is {cheap}. "
+        parts.append(f"On the {model}, computing all influences takes {g.loc['exact (CG)', 'seconds']:.2g} s by CG "
+                     f"on all parameters, {g.loc['EK-FAC', 'seconds']:.2g} s by EK-FAC, "
+                     f"{g.loc['TRAK large', 'seconds']:.2g} s by TRAK at the larger projection and "
+                     f"{g.loc['grad. similarity', 'seconds']:.2g} s by gradient similarity; the cheapest is {cheap}. "
                      + _memory_sentence(g["peak_mib"]))
     book.say("cost_text", " ".join(parts) + " Every time is that of one cold computation on one core, measured in "
              "the build that filled the cache; peak memory is the resident-set high-water mark above the start.")
